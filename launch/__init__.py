@@ -1,0 +1,1 @@
+"""Launchers: submitit/SLURM, scaling-law sweep jobs, deepspeed/torchrun/sbatch scripts."""

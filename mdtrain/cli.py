@@ -1,0 +1,111 @@
+"""The ``mdtrain`` command: parse arguments, call one function. Each subcommand's work lives in its module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mdtrain.configtools import ConfigError
+
+# subcommand -> (module, function, one-line help). The function takes the parsed argparse namespace.
+COMMANDS = {
+    "prepare": ("mdtrain.data.prepare", "main", "tokenize text/JSONL/Parquet into packed webdataset shards"),
+    "train": ("mdtrain.trainer", "main", "train from a YAML config plus key=value overrides (resumes a run dir)"),
+    "eval": ("mdtrain.evaluate", "main", "NELBO / perplexity of a run dir or checkpoint; last stdout line is JSON"),
+    "sample": ("mdtrain.sampling_cli", "main", "generate text with any sampler from a run dir or checkpoint"),
+    "export": ("mdtrain.checkpoint", "export_main", "write consolidated safetensors + config + tokenizer"),
+    "sweep": ("mdtrain.sweep", "main", "scaling-law grid: plan / run / submit / collect / fit"),
+    "launch": ("launch.slurm", "main", "submit `mdtrain train` to SLURM through submitit (or run it locally)"),
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=3e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mdtrain", description="Train masked-diffusion language models (MDLM, MD4/GenMD4, SEDD, D3PM, AR) "
+        "on DiT and bidirectional-Mamba backbones, from one CPU to a SLURM cluster.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help=COMMANDS["prepare"][2], description=COMMANDS["prepare"][2])
+    p.add_argument("--input", nargs="+", required=True, help="text files/dirs, .jsonl, .parquet")
+    p.add_argument("--tokenizer", required=True,
+                   help="sentencepiece:train:VOCAB | sentencepiece:PATH.model | hf:DIR | bytes")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
+    p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
+    p.add_argument("--packing", default="mdlm", choices=["mdlm", "md4", "pad"],
+                   help="mdlm: EOS between docs + BOS/EOS per chunk; md4: docs+EOS, plain blocks; pad: one doc per sample")
+    p.add_argument("--doc-per", default="file", choices=["file", "line"], help="text inputs: a document per file or per line")
+    p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
+    p.add_argument("--samples-per-shard", type=int, default=1024, help="samples per tar shard")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--glob", default="*", help="file pattern when an input is a directory")
+
+    for name in ("train", "sweep"):
+        p = sub.add_parser(name, help=COMMANDS[name][2], description=COMMANDS[name][2])
+        p.add_argument("config", nargs="?", help="YAML file")
+        _add_config_args(p)
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("--help-config", action="store_true", help="list every config key with its doc and exit")
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        if name == "sweep":
+            p.add_argument("action", nargs="?", default=None, help=argparse.SUPPRESS)
+
+    for name in ("eval", "sample"):
+        p = sub.add_parser(name, help=COMMANDS[name][2], description=COMMANDS[name][2])
+        p.add_argument("path", help="run directory or checkpoint directory")
+        _add_config_args(p)
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("export", help=COMMANDS["export"][2], description=COMMANDS["export"][2])
+    p.add_argument("path", help="run directory or checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+
+    p = sub.add_parser("launch", help=COMMANDS["launch"][2], description=COMMANDS["launch"][2], add_help=False)
+    p.add_argument("launch_args", nargs=argparse.REMAINDER, help="see `mdtrain launch --help`")
+    return parser
+
+
+def _version() -> str:
+    from mdtrain import __version__
+    return f"mdtrain {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "help_config", False):
+        from mdtrain.config import Config
+        from mdtrain.configtools import describe
+        print(describe(Config))
+        return 0
+    module, func, _ = COMMANDS[args.command]
+    try:
+        mod = importlib.import_module(module)
+        fn = getattr(mod, func)
+    except (ModuleNotFoundError, AttributeError) as e:
+        missing = getattr(e, "name", "") or ""
+        if missing and not missing.startswith(("mdtrain", "launch")) and "mdtrain" not in str(e):
+            raise
+        print(f"mdtrain {args.command}: not available in this build ({module}.{func} is missing: {e}). "
+              f"This capability has not landed yet.", file=sys.stderr)
+        return 3
+    try:
+        rc = fn(args)
+    except ConfigError as e:
+        print(f"mdtrain {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

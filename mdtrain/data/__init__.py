@@ -1,0 +1,1 @@
+"""Tokenizers, text -> packed webdataset shards, the resumable streaming loader, synthetic sources."""

@@ -1,0 +1,1 @@
+"""Single-device backbones (DiT, causal transformer, bidirectional Mamba), flavors and FLOP counts."""
