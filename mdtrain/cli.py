@@ -88,6 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         from mdtrain.configtools import describe
         print(describe(Config))
         return 0
+    if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)  # `mdtrain train key=value ...` with no YAML file
+        args.config = None
+    if args.command == "train":
+        # Validate the whole config before importing anything heavy or doing any work.
+        from mdtrain.config import load_config
+        from mdtrain.configtools import dump_yaml
+        try:
+            args.cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"mdtrain train: config error: {e}", file=sys.stderr)
+            return 2
+        if args.print_config:
+            print(dump_yaml(args.cfg), end="")
+            return 0
     module, func, _ = COMMANDS[args.command]
     try:
         mod = importlib.import_module(module)

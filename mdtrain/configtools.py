@@ -271,7 +271,7 @@ def validate_tree(obj: Any) -> None:
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
