@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mdtrain {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, FileNotFoundError) as e:
+        print(f"mdtrain {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

@@ -1,0 +1,221 @@
+"""Checkpoint manager: one complete checkpoint per directory, written atomically, verified on load, keep-last-k.
+
+Layout: ``RUN_DIR/checkpoints/step_XXXXXXXX/`` holds whatever the engine writes (model, optimizer and EMA shards,
+per-rank client state), plus ``config.yaml``, ``tokenizer/`` and ``manifest.json`` (every file's size and sha256).
+A checkpoint is written into ``step_XXXXXXXX.tmp``, fsynced, and renamed; a directory without a manifest, or whose
+files do not match it, is never loaded: the previous valid one is used with a warning.
+
+Also ``export``: consolidated safetensors + config + tokenizer, loadable with ``mdtrain.exported.load_exported``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from typing import Callable, Optional
+
+from mdtrain.configtools import atomic_write_text
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _files_under(root: str) -> list[str]:
+    out = []
+    for d, _, files in os.walk(root):
+        for f in files:
+            rel = os.path.relpath(os.path.join(d, f), root)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(path: str, step: int, extra: Optional[dict] = None) -> None:
+    files = {}
+    for rel in _files_under(path):
+        full = os.path.join(path, rel)
+        with open(full, "rb") as fh:  # data must be on disk before the manifest vouches for it
+            os.fsync(fh.fileno())
+        files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+    for d, _, _ in os.walk(path):
+        _fsync_dir(d)
+    atomic_write_text(os.path.join(path, MANIFEST), json.dumps({"step": step, "files": files, **(extra or {})},
+                                                                indent=1))
+
+
+def verify(path: str, checksums: bool = True) -> Optional[str]:
+    """None if the checkpoint at ``path`` is complete and intact, else a reason."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.exists(mpath):
+        return "no manifest.json (the save did not finish)"
+    try:
+        with open(mpath) as fh:
+            manifest = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable manifest.json ({e})"
+    for rel, meta in manifest.get("files", {}).items():
+        full = os.path.join(path, rel)
+        if not os.path.exists(full):
+            return f"missing file {rel}"
+        if os.path.getsize(full) != meta["size"]:
+            return f"file {rel} has {os.path.getsize(full)} bytes, manifest says {meta['size']} (truncated?)"
+        if checksums and _sha256(full) != meta["sha256"]:
+            return f"file {rel} does not match its sha256 (corrupt)"
+    return None
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = STEP_RE.match(name)
+        if m:
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def find_latest_valid(root: str, checksums: bool = True, warn: Callable[[str], None] = None) -> Optional[str]:
+    """Newest checkpoint directory under ``root`` that verifies; skipped ones are reported through ``warn``."""
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+    for _, path in reversed(list_checkpoints(root)):
+        reason = verify(path, checksums)
+        if reason is None:
+            return path
+        warn(f"checkpoint {path} is not usable: {reason}; trying the previous one")
+    return None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run dir, its checkpoints/ dir, or one step dir -> the newest valid step dir (clear error otherwise)."""
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        reason = verify(path)
+        if reason:
+            raise FileNotFoundError(f"checkpoint {path} is not usable: {reason}")
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        found = find_latest_valid(root)
+        if found:
+            return found
+    raise FileNotFoundError(f"no valid checkpoint under '{path}' (expected RUN_DIR/checkpoints/step_XXXXXXXX/ "
+                            f"with a manifest.json)")
+
+
+class CheckpointManager:
+    """Saves through the engine into a temporary directory, then publishes it atomically (rank 0 renames)."""
+
+    def __init__(self, root: str, keep_last: int, ctx):
+        self.root = root
+        self.keep_last = keep_last
+        self.ctx = ctx
+
+    def save(self, step: int, write: Callable[[str], None], extra_files: Callable[[str], None] = None) -> str:
+        final = os.path.join(self.root, step_dir_name(step))
+        tmp = final + ".tmp"
+        if self.ctx.is_main:
+            os.makedirs(self.root, exist_ok=True)
+            if os.path.exists(tmp):  # left by a run killed mid-save
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        self.ctx.barrier()
+        write(tmp)  # every rank writes its shards
+        self.ctx.barrier()
+        if self.ctx.is_main:
+            if extra_files:
+                extra_files(tmp)
+            write_manifest(tmp, step, {"world_size": self.ctx.world_size})
+            if os.path.exists(final):  # re-saving the same step (e.g. final save right after a periodic one)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        self.ctx.barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        ckpts = list_checkpoints(self.root)
+        for _, path in ckpts[:-self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> Optional[str]:
+        return find_latest_valid(self.root)
+
+
+# ----------------------------------------------------------------------------------------------------
+# export
+
+
+def export(path: str, out_dir: str, use_ema: bool = True) -> str:
+    """Consolidate a checkpoint (from any engine, any world size) into ``out_dir`` on one process."""
+    from mdtrain.exported import save_exported
+    from mdtrain.trainer import load_for_inference
+
+    bundle = load_for_inference(path, use_ema=use_ema)
+    save_exported(out_dir, bundle.model.state_dict(), bundle.cfg, bundle.tokenizer)
+    return out_dir
+
+
+def export_main(args) -> int:
+    out = export(args.path, args.out, use_ema=not args.no_ema)
+    print(json.dumps({"export": os.path.abspath(out)}))
+    return 0
+
+
+def load_consolidated(path: str, model_state: dict, ema: bool) -> dict:
+    """Full fp32 weights (EMA if ``ema`` and present) from a checkpoint of any engine, in one process.
+
+    ``model_state`` is a state dict of the single-device model (it gives names, shapes and dtypes). DCP checkpoints
+    (ddp/fsdp, any world size) are read without a process group; ZeRO checkpoints are converted by the engine.
+    """
+    from mdtrain.parallel.engines.base import read_meta
+
+    meta = read_meta(path)
+    if meta["engine"] == "deepspeed":
+        from mdtrain.parallel.engines.zero import consolidated_state_dict
+        return consolidated_state_dict(path, model_state, ema=ema and meta["ema"])
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {k: v.clone() for k, v in model_state.items()}}
+    if ema and meta["ema"]:
+        import torch.distributed.checkpoint.metadata as _  # noqa: F401
+        reader = dcp.FileSystemReader(os.path.join(path, "dcp"))
+        stored = reader.read_metadata().state_dict_metadata
+        # the EMA covers trainable parameters (fp32 shadows); buffers come from the model
+        state["ema"] = {k: v.detach().float().clone() for k, v in model_state.items() if f"ema.{k}" in stored}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+    out = state["model"]
+    for k, v in state.get("ema", {}).items():
+        out[k] = v.to(out[k].dtype)
+    return out

@@ -1,0 +1,163 @@
+"""Metrics: a readable console line, a progress bar with ETA, ``metrics.jsonl`` rows, and wandb (offline by default).
+
+Units: losses are nats/token; bits and perplexity are derived. Diffusion perplexities are upper bounds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+# Dense peak FLOP/s by device name substring, per compute precision (vendor datasheets, no sparsity).
+PEAK_FLOPS = [
+    ("H200", {"bf16": 989e12, "fp32": 494e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp32": 378e12}),
+    ("H100", {"bf16": 989e12, "fp32": 494e12}),  # SXM; fp32 = TF32 dense
+    ("A100", {"bf16": 312e12, "fp32": 156e12}),
+    ("L40S", {"bf16": 362e12, "fp32": 183e12}),
+    ("A6000", {"bf16": 155e12, "fp32": 77e12}),
+    ("A5000", {"bf16": 111e12, "fp32": 55e12}),
+    ("4090", {"bf16": 165e12, "fp32": 83e12}),
+    ("3090", {"bf16": 71e12, "fp32": 36e12}),
+    ("A10", {"bf16": 125e12, "fp32": 62e12}),
+    ("L4", {"bf16": 121e12, "fp32": 60e12}),
+    ("V100", {"bf16": 125e12, "fp32": 15.7e12}),
+]
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """Peak dense FLOP/s of ``device`` for ``precision`` ('bf16'/'fp32'), or None when unknown (e.g. CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS:
+        if key in name:
+            return peaks.get(precision)
+    return None
+
+
+def fmt_int(x: float) -> str:
+    return f"{int(round(x)):,}"
+
+
+def memory_gib(device: torch.device) -> Optional[float]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    except Exception:  # pragma: no cover
+        return None
+
+
+class WandbLogger:
+    """wandb, offline unless WANDB_API_KEY is set; the run id is restored on resume so the same run continues."""
+
+    def __init__(self, run_dir: str, project: str, name: str, config: dict, run_id: Optional[str]):
+        import wandb
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.run = wandb.init(project=project, name=name, dir=run_dir, config=config, id=run_id,
+                              resume="allow", mode=mode)
+        self.id = self.run.id
+
+    def log(self, row: dict, step: int) -> None:
+        self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks keep quiet. ``log_train`` / ``log_eval`` append to metrics.jsonl."""
+
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool = True,
+                 wandb_cfg: Optional[dict] = None):
+        self.enabled = enabled
+        self.total = total_steps
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.start_time = time.time()
+        self.start_step: Optional[int] = None
+        self.wandb: Optional[WandbLogger] = None
+        self.bar = None
+        if enabled and wandb_cfg is not None:
+            self.wandb = WandbLogger(run_dir, **wandb_cfg)
+        if enabled and progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
+
+    def _write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+        if self.wandb:
+            self.wandb.log(row, row["step"])
+
+    def print(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            if self.start_step is None:
+                self.start_step = step - 1
+                self.bar.n = step - 1
+            self.bar.update(step - self.bar.n)
+
+    def eta_s(self, step: int) -> Optional[float]:
+        if self.start_step is None:
+            self.start_step = step - 1
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (time.time() - self.start_time) / done * (self.total - step)
+
+    def log_train(self, row: dict) -> None:
+        """row: step, loss, tokens, lr, grad_norm, tokens_per_s, [mfu, memory_gib, skipped]."""
+        self._write(row)
+        parts = [f"step: {row['step']:>6}", f"loss: {row['loss']:.4f}", f"grad_norm: {row['grad_norm']:.3f}",
+                 f"lr: {row['lr']:.2e}", f"tps: {fmt_int(row['tokens_per_s'])}"]
+        if row.get("mfu") is not None:
+            parts.append(f"mfu: {100 * row['mfu']:.1f}%")
+        if row.get("memory_gib") is not None:
+            parts.append(f"memory: {row['memory_gib']:.2f}GiB")
+        eta = self.eta_s(row["step"])
+        if eta is not None:
+            parts.append(f"eta: {_hms(eta)}")
+        if row.get("skipped"):
+            parts.append(f"skipped: {row['skipped']}")
+        self.print("  ".join(parts))
+
+    def log_eval(self, row: dict) -> None:
+        """row: step, split, nll (nats/token), ppl, bits_per_token, tokens, bound."""
+        self._write(row)
+        bound = "≤ " if row.get("bound") == "upper" else ""
+        self.print(f"eval {row['split']}: step {row['step']}  nll {row['nll']:.4f} nats/token  "
+                   f"ppl {bound}{row['ppl']:.3f}  bits/token {row['bits_per_token']:.4f}  ({fmt_int(row['tokens'])} tokens)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def eval_row(step: int, split: str, nll_sum: float, tokens: float, bound: str) -> dict:
+    nll = nll_sum / max(tokens, 1.0)
+    return {"step": step, "split": split, "nll": nll, "ppl": math.exp(min(nll, 700.0)),
+            "bits_per_token": nll / math.log(2), "tokens": int(tokens), "bound": bound}
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
