@@ -26,8 +26,9 @@ class OptimConfig:
     betas: list[float] = doc([0.9, 0.999], "AdamW betas (MDLM: 0.9, 0.999; MD4: 0.9, 0.999)")
     eps: float = doc(1e-8, "AdamW epsilon")
     weight_decay: float = doc(0.0, "AdamW weight decay (MDLM: 0; MD4: 0.03)")
-    no_decay: list[str] = doc(["bias", "norm", "embed"],
-                              "parameter-name substrings exempt from weight decay (1-D params always are)")
+    no_decay: list[str] = doc(["1d", "embed"],
+                              "exempt from weight decay: parameter-name substrings, and '1d' for every 1-D parameter "
+                              "(biases, norm scales); [] decays everything (MD4)")
     grad_clip: float = doc(1.0, "max global grad norm; 0 disables clipping")
     schedule: str = doc("constant_warmup", "LR schedule: constant_warmup (MDLM), cosine (MD4, to zero), wsd",
                         choices=("constant_warmup", "cosine", "wsd"))
@@ -51,7 +52,9 @@ class TrainConfig:
     seed: int = doc(1, "seed of every random stream (MDLM: 1)")
     precision: str = doc("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16",
                          choices=("auto", "fp32", "bf16"))
-    ema: float = doc(0.9999, "EMA decay; 0 disables EMA (MDLM: 0.9999)")
+    ema: float = doc(0.9999, "EMA decay; 0 disables EMA (MDLM, MD4: 0.9999)")
+    ema_warmup: bool = doc(True, "MDLM's EMA warmup min(ema, (1+n)/(10+n)); false = the constant decay from step 1 "
+                                 "(MD4)")
     use_ema_for_eval: bool = doc(True, "evaluate and sample with the EMA weights when EMA is on")
     compile: bool = doc(False, "torch.compile each block")
     activation_checkpointing: bool = doc(False, "recompute each block's activations in backward")

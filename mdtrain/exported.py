@@ -80,11 +80,12 @@ def load_exported(path: str, device: str = "cpu") -> Bundle:
     with open(os.path.join(path, "config.yaml")) as fh:
         cfg = config_from_dict(yaml.safe_load(fh))
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
-    model = build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len)
+    from mdtrain.trainer import attach_objective
+    objective = build_objective(cfg.objective, tokenizer.vocab_size, tokenizer.mask_id)
+    model = attach_objective(build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len), objective)
     missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{path}/model.safetensors does not match model '{cfg.model.name}' "
                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.to(device).eval()
-    objective = build_objective(cfg.objective, tokenizer.vocab_size, tokenizer.mask_id)
     return Bundle(model=model, objective=objective, tokenizer=tokenizer, cfg=cfg)

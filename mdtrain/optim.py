@@ -13,12 +13,14 @@ from mdtrain.configtools import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
-    """Two groups: decayed matrices, and 1-D params (biases, norm scales) or names matching ``no_decay``."""
+    """Two groups: decayed, and exempt ('1d' in ``no_decay``: every 1-D param; other entries: name substrings)."""
     decay, skip = [], []
+    exempt_1d = "1d" in no_decay
+    names = [s for s in no_decay if s and s != "1d"]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = p.ndim < 2 or any(s and s in name for s in no_decay)
+        exempt = (exempt_1d and p.ndim < 2) or any(s in name for s in names)
         (skip if exempt else decay).append(p)
     groups = []
     if decay:

@@ -29,6 +29,14 @@ def ema_decay(cap: float, num_updates: int) -> float:
     return min(cap, (1 + num_updates) / (10 + num_updates))
 
 
+def attach_objective(model: torch.nn.Module, objective) -> torch.nn.Module:
+    """Objectives with parameters (GenMD4's learnable schedule) ride along as ``model.objective``, so every engine
+    shards, syncs, optimises, checkpoints and exports them with the network's weights."""
+    if any(True for _ in objective.parameters()):
+        model.add_module("objective", objective)
+    return model
+
+
 def valid_tokens(objective, attention_mask: torch.Tensor) -> torch.Tensor:
     """Tokens that carry loss: AR predicts positions 1.. from their prefix, the masked family every position."""
     m = attention_mask[:, 1:] if objective.causal else attention_mask
@@ -56,7 +64,7 @@ def build(cfg: Config, ctx, tokenizer, seq_len: int, init_state: Optional[dict] 
 
     objective = build_objective(cfg.objective, tokenizer.vocab_size, tokenizer.mask_id)
     torch.manual_seed(rng.key(0, cfg.train.seed))  # identical initial weights on every rank
-    model = build_model(cfg.model, tokenizer.vocab_size, seq_len)
+    model = attach_objective(build_model(cfg.model, tokenizer.vocab_size, seq_len), objective)
     if init_state is not None:  # checkpoint.load_from: weights only, before any wrapping
         model.load_state_dict(init_state)
     fpt = flops_per_token(cfg.model, tokenizer.vocab_size, seq_len, causal=objective.causal)
@@ -192,7 +200,8 @@ class Trainer:
         if all_finite:
             self.nonfinite_in_a_row = 0
             if cfg.train.ema > 0:
-                self.engine.ema_update(ema_decay(cfg.train.ema, self.step + 1 - self.skipped_total))
+                n = self.step + 1 - self.skipped_total
+                self.engine.ema_update(ema_decay(cfg.train.ema, n) if cfg.train.ema_warmup else cfg.train.ema)
         else:
             self.nonfinite_in_a_row += 1
             self.skipped_total += 1
@@ -343,11 +352,11 @@ def load_for_inference(path: str, use_ema: bool = True, overrides: Optional[list
     for k, v in parse_overrides(overrides or []):
         set_dotted(cfg, k, v)
     tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer"))
-    model = build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len)
+    objective = build_objective(cfg.objective, tokenizer.vocab_size, tokenizer.mask_id)
+    model = attach_objective(build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len), objective)
     state = load_consolidated(ckpt, model.state_dict(), ema=use_ema)
     model.load_state_dict(state)
     model.eval()
-    objective = build_objective(cfg.objective, tokenizer.vocab_size, tokenizer.mask_id)
     return Bundle(model=model, objective=objective, tokenizer=tokenizer, cfg=cfg)
 
 
