@@ -26,6 +26,7 @@ OFFLINE_ENV = {
     "GLOO_SOCKET_IFNAME": "lo",
     "MASTER_ADDR": "127.0.0.1",
     "TOKENIZERS_PARALLELISM": "false",
+    "OPENBLAS_NUM_THREADS": "1",  # BLAS threads on tiny SciPy problems only add contention on 2 cores
 }
 
 
