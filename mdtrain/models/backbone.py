@@ -1,0 +1,118 @@
+"""What every backbone shares: token embedding, time conditioning, the block loop, the adaLN output layer and
+initialisation. Subclasses fill ``self.blocks`` and say what per-forward context their blocks need."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mdtrain.models.layers import LayerNorm, TimestepEmbedder, Variant, init_linear, modulate, zero_
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """A flavor with the config's overrides applied: everything a backbone's constructor needs."""
+    name: str
+    variant: Variant
+    n_layers: int
+    d_model: int
+    n_heads: int
+    cond_dim: int
+    dropout: float
+    attention: str
+    mamba_backend: str
+    mamba_d_state: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class Backbone(nn.Module):
+    """``forward(x (B, L) int, cond (B,) float | None, attention_mask (B, L) | None) -> fp32 logits (B, L, V)``.
+
+    ``cond`` is the scalar time conditioning (the objective decides whether it is sigma or t; None means zeros).
+    Blocks are called as ``block(h, c, ctx, mask)`` with ``c`` the activated time embedding (None without time
+    conditioning), ``ctx`` what ``block_context`` returns and ``mask`` the (B, L) bool padding mask or None.
+    """
+
+    def __init__(self, dims: ModelDims, vocab_size: int, conditioned: bool):
+        super().__init__()
+        self.dims = dims
+        self.vocab_size = vocab_size
+        self.max_seq_len = 0  # the training length; set by build_model (sizes the causal model's KV cache)
+        d, v = dims.d_model, dims.variant
+        self.embed = nn.Embedding(vocab_size, d)
+        self.time_embed = TimestepEmbedder(dims.cond_dim, v) if conditioned else None
+        self.blocks = nn.ModuleList()
+        self.final_norm = LayerNorm(d, v.norm_affine)
+        self.final_adaLN = nn.Linear(dims.cond_dim, 2 * d) if conditioned else None
+        self.head = nn.Linear(d, vocab_size, bias=v.bias)
+
+    # -- initialisation -------------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter, e.g. after building on the meta device and ``to_empty``.
+
+        Linear layers: PyTorch defaults (mdlm) or Flax-style truncated normal (md4, MLP scale 2/n_layers).
+        adaLN modulations and the output head are zero (adaLN-Zero), so the initial logits are all 0: uniform.
+        """
+        v = self.dims.variant
+        mlp_scale = 2.0 / self.dims.n_layers
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                init_linear(m, v, mlp_scale if ".mlp." in f".{name}" else 1.0)
+            elif m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        d = self.dims.d_model
+        if v.name == "md4":
+            nn.init.normal_(self.embed.weight, std=1 / math.sqrt(d))
+        else:  # MDLM: kaiming_uniform(a=sqrt(5)) on a (V, d) parameter = U(+-1/sqrt(d))
+            nn.init.uniform_(self.embed.weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
+        for blk in self.blocks:
+            if getattr(blk, "adaLN_modulation", None) is not None:
+                zero_(blk.adaLN_modulation)
+        if self.final_adaLN is not None:
+            zero_(self.final_adaLN)
+        zero_(self.head)
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def block_context(self, length: int, device: torch.device, offset: int = 0):
+        return None
+
+    def condition(self, cond: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+        if self.time_embed is None:
+            return None
+        if cond is None:
+            cond = torch.zeros(batch, device=device)
+        cond = cond.reshape(-1).expand(batch) if cond.numel() == 1 else cond.reshape(batch)
+        return self.dims.variant.act(self.time_embed(cond))
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        if self.dims.variant.channel_dropout and self.training and self.dims.dropout > 0:
+            h = nn.functional.dropout(h, self.dims.dropout, True)  # MD4's embedding dropout
+        return h
+
+    def output(self, h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        h = self.final_norm(h)
+        if self.final_adaLN is not None:
+            shift, scale = self.final_adaLN(c)[:, None].chunk(2, dim=-1)
+            h = modulate(h, shift, scale)
+        return self.head(h).float()  # log-softmax downstream wants fp32 (mdlm.md §4.4)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, length = x.shape
+        h = self.embed_tokens(x)
+        c = self.condition(cond, b, x.device)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(device=x.device, dtype=torch.bool)
+            if bool(mask.all()):
+                mask = None  # no padding: keep the fast unmasked kernels
+        ctx = self.block_context(length, x.device)
+        for blk in self.blocks:
+            h = blk(h, c, ctx, mask)
+        return self.output(h, c)

@@ -1,0 +1,80 @@
+"""Parameter counts and training FLOPs per token, read off the real module tree (built on the meta device).
+
+Two FLOP numbers, both for one training token (forward + backward = 3x forward):
+
+* ``rule`` = 6·N + 12·n_layers·d_model·T (Kaplan/Chinchilla/PaLM convention), N = the parameters a token
+  multiplies: everything except the input embedding and the per-sequence time conditioning (time MLP, adaLN).
+  The attention term is the full non-causal one even for the causal model; it is 0 for dimamba (no attention).
+  Use it to plan sweeps (C = rule·D) and to compare with papers.
+* ``exact`` = 3 x (every matmul of the forward): 2·in·out per token for each Linear (the per-sequence
+  conditioning Linears divided by T), depthwise convs, q·k and p·v (causal: each query sees (T+1)/2 keys on
+  average, as flash kernels skip masked blocks), and the SSM scan's two contractions (dt·B x^T into the state,
+  C·h out of it; 2·2·d_inner·d_state per direction). Element-wise work (norms, activations, softmax, dropout,
+  decays) is not counted. This is what the MFU meter divides by the peak matmul throughput.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def _meta_model(cfg, vocab_size: int, seq_len: int = 1024) -> nn.Module:
+    from mdtrain.models import build_model
+    with torch.device("meta"):
+        return build_model(cfg, vocab_size, seq_len)
+
+
+def _is_conditioning(name: str) -> bool:
+    return name.startswith("time_embed") or "adaLN" in name
+
+
+def count_params(model_or_cfg, vocab_size: int | None = None) -> dict:
+    """Parameter counts of a model, or of a ModelConfig at ``vocab_size`` (mask token included).
+
+    Returns ``total``; ``embedding`` (input table) and ``head`` (output layer), both untied;
+    ``non_embedding`` = total - embedding - head (SMDM's N, used by the sweep's C = 6·N·D; MDLM's model card's
+    "130M non-embedding" is total - embedding); ``conditioning`` (time MLP + adaLN, per-sequence work).
+    """
+    if isinstance(model_or_cfg, nn.Module):
+        model = model_or_cfg
+    else:
+        if vocab_size is None:
+            raise TypeError("count_params(cfg, vocab_size): a config needs the vocabulary size")
+        model = _meta_model(model_or_cfg, vocab_size)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for p in model.embed.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    cond = sum(p.numel() for n, p in model.named_parameters() if _is_conditioning(n))
+    return {"total": total, "embedding": embedding, "head": head, "non_embedding": total - embedding - head,
+            "conditioning": cond}
+
+
+def flops_per_token(cfg, vocab_size: int, seq_len: int, causal: bool | None = None) -> dict:
+    """Training FLOPs per token of ``cfg`` at (``vocab_size``, ``seq_len``): ``{"rule", "exact", "n_params"}``.
+
+    ``causal`` (default: whether cfg.name is ``causal``) only changes the exact attention count.
+    """
+    from mdtrain.models.mamba import SSMDirection
+    from mdtrain.models.transformer import SelfAttention
+    causal = cfg.name == "causal" if causal is None else causal
+    model = _meta_model(cfg, vocab_size, seq_len)
+    t = float(seq_len)
+    keys = (t + 1) / 2 if causal else t
+    fwd = 0.0
+    n_attn = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            fwd += 2.0 * m.in_features * m.out_features / (t if _is_conditioning(name) else 1.0)
+        elif isinstance(m, nn.Conv1d):
+            fwd += 2.0 * m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0]
+        elif isinstance(m, SelfAttention):
+            width = m.qkv.out_features // 3
+            fwd += 2.0 * 2.0 * keys * width  # q.k^T and p.v
+            n_attn += 1
+        elif isinstance(m, SSMDirection):
+            fwd += 2.0 * 2.0 * m.d_inner * m.d_state
+    counts = count_params(model)
+    n = counts["total"] - counts["embedding"] - counts["conditioning"]
+    d = model.dims.d_model
+    rule = 6.0 * n + (12.0 * n_attn * d * t if n_attn else 0.0)
+    return {"rule": rule, "exact": 3.0 * fwd, "n_params": n}
