@@ -180,3 +180,48 @@ def test_genmd4_schedule_parameters_are_trained_and_exported(tmp_path):
     w_raw = dict(b.model.named_parameters())["objective.schedule.w_raw"].detach()
     init = math.log(math.expm1(1.0))  # softplus^-1(1): every power starts at 1
     assert (w_raw - init).abs().max() > 0, "the learnable schedule never moved"
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    plain = _in_process_losses(tmp_path, "plain", [])
+    ac = _in_process_losses(tmp_path, "ac", ["train.activation_checkpointing=true"])
+    assert plain == ac  # recomputation repeats the same fp32 ops (dropout is off)
+
+
+def test_wandb_offline_run_continues_with_the_same_id_after_resume(tmp_path):
+    run = str(tmp_path / "run")
+    env = {"WANDB_MODE": "offline"}
+    mdtrain("train", *TINY, "train.steps=2", "logging.wandb=true", f"train.run_dir={run}", env=env)
+    mdtrain("train", *TINY, "train.steps=4", "logging.wandb=true", f"train.run_dir={run}", env=env)
+    runs = sorted(d for d in os.listdir(os.path.join(run, "wandb")) if d.startswith("offline-run-"))
+    assert len(runs) == 2, runs
+    ids = {d.rsplit("-", 1)[1] for d in runs}
+    assert len(ids) == 1, f"resume started a new wandb run: {runs}"
+    for d in runs:
+        files = [f for f in os.listdir(os.path.join(run, "wandb", d)) if f.endswith(".wandb")]
+        assert files and os.path.getsize(os.path.join(run, "wandb", d, files[0])) > 0
+
+
+def test_generative_perplexity_matches_a_float64_recomputation(tmp_path):
+    from mdtrain.evaluate import generative_perplexity, unigram_entropy
+    from mdtrain.trainer import load_for_inference
+    run = str(tmp_path / "ar")
+    mdtrain("train", *TINY, "model.name=causal", "objective.name=ar", "train.steps=2", f"train.run_dir={run}")
+    b = load_for_inference(run)
+    alpha = b.tokenizer.alphabet  # the synthetic source's characters
+    texts = [alpha[:6], alpha[2:5] * 3]
+    got = generative_perplexity(texts, run, batch_size=1)
+    tok, nll, n = b.tokenizer, 0.0, 0
+    for t in texts:  # independent: full forward, float64 log-softmax without the mask class (MDLM's AR), shift
+        ids = torch.tensor([[tok.bos_id] + tok.encode(t) + [tok.eos_id]])
+        with torch.no_grad():
+            logits = b.model(ids, None).double()
+        logits[..., tok.mask_id] = -math.inf
+        logp = torch.log_softmax(logits, -1)[0, :-1]
+        tgt = ids[0, 1:]
+        nll -= logp.gather(-1, tgt[:, None]).sum().item()
+        n += len(tgt)
+    assert got["gen_tokens"] == n
+    assert got["gen_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert unigram_entropy([[1, 1, 2, 2]]) == pytest.approx(math.log(2))
+    assert unigram_entropy([[5, 5, 5]]) == 0.0
