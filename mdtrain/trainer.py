@@ -120,7 +120,7 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
         self.ctx.barrier()
         self.loader = build_loader(cfg.data, "train", cfg.train.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size,
-                                   seed=cfg.data.seed, infinite=True)
+                                   seed=cfg.train.seed, infinite=True)
         self.data_iter = iter(self.loader)
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.checkpoint.keep_last, self.ctx)
         self.resume_path = self.ckpt.latest() if cfg.checkpoint.resume else None
@@ -243,6 +243,7 @@ class Trainer:
                                         "lr": lr_at(self.step - 1, cfg.train.steps, cfg.optim),
                                         "grad_norm": out["grad_norm"], "tokens_per_s": tps, "mfu": mfu,
                                         "memory_gib": memory_gib(self.device), "skipped": self.skipped_total,
+                                        "skipped_samples": getattr(self.loader, "skipped_samples", 0),
                                         "seq_tokens_per_step": seqs_tokens})
                 t_last, tok_last = time.time(), 0
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
