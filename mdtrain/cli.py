@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from mdtrain.configtools import ConfigError
+from mdtrain.data.errors import DataError
 
 # subcommand -> (module, function, one-line help). The function takes the parsed argparse namespace.
 COMMANDS = {
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mdtrain {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    except (FloatingPointError, FileNotFoundError) as e:
+    except (FloatingPointError, FileNotFoundError, DataError) as e:
         print(f"mdtrain {args.command}: error: {e}", file=sys.stderr)
         return 1
     return int(rc or 0)
