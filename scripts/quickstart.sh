@@ -9,7 +9,7 @@ if [ ! -f "$OUT/quickstart-data/manifest.json" ]; then
   echo "== preparing data: SentencePiece (BPE, 2048) trained on Python's standard library, packed MDLM-style"
   mdtrain prepare --input "$STDLIB/json" "$STDLIB/email" "$STDLIB/asyncio" "$STDLIB/logging" "$STDLIB/unittest" \
       "$STDLIB/http" "$STDLIB/xml" "$STDLIB/importlib" "$STDLIB/concurrent" "$STDLIB/collections" \
-      --glob '*.py' --tokenizer sentencepiece:train:2048 --seq-len 128 --val-fraction 0.05 \
+      --glob '*.py' --tokenizer sentencepiece:train:2048 --seq-len 128 --val-fraction 0.1 \
       --out "$OUT/quickstart-data"
 fi
 echo "== training (configs/quickstart.yaml)"
