@@ -1,21 +1,143 @@
-"""The `objective` and `sample` config sections (owned by objectives/)."""
+"""The `objective` and `sample` config sections (owned by objectives/).
+
+Fields left at ``None`` / ``"auto"`` take the chosen objective's (or sampler's) own convention, resolved in one
+place, :func:`resolve_objective`, so that `mdtrain train --help-config` and the built objective agree.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from mdtrain.configtools import doc
+from mdtrain.configtools import ConfigError, doc
+
+OBJECTIVE_NAMES = ("mdlm", "md4", "genmd4", "d3pm", "sedd", "ar")
+SAMPLER_NAMES = ("auto", "ddpm", "ddpm_cache", "ancestral", "analytic", "ar")
+
+# Per-objective conventions (mdlm.md §9, md4.md §0/§3): schedule, sampling_eps (GenMD4: t1), T, time conditioning.
+_DEFAULTS = {
+    "mdlm": dict(schedule="loglinear", sampling_eps=1e-3, T=0, time_conditioning=False),
+    "md4": dict(schedule="md4_linear", sampling_eps=0.0, T=0, time_conditioning=True),
+    "genmd4": dict(schedule="genmd4_poly", sampling_eps=1e-3, T=0, time_conditioning=True),
+    "d3pm": dict(schedule="loglinear", sampling_eps=1e-3, T=1000, time_conditioning=True),
+    "sedd": dict(schedule="loglinear", sampling_eps=1e-3, T=0, time_conditioning=True),
+    "ar": dict(schedule="", sampling_eps=0.0, T=0, time_conditioning=False),
+}
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = doc("mdlm", "training objective", choices=("mdlm", "md4", "genmd4", "d3pm", "sedd", "ar"))
-    schedule: str = doc("loglinear", "noise schedule name")
+    name: str = doc("mdlm", "training objective", choices=OBJECTIVE_NAMES)
+    schedule: str = doc("", "noise schedule; empty = the objective's own (mdlm/d3pm/sedd: loglinear, md4: md4_linear, "
+                            "genmd4: its learnable genmd4_poly). MDLM family: loglinear, cosine, cosinesqr, "
+                            "linear_sigma, geometric_sigma; MD4 family: md4_linear, md4_cosine, md4_polyK (md4_poly3)")
+    schedule_eps: Optional[float] = doc(None, "schedule ε; null = the schedule's own (MDLM family 1e-3, MD4 family "
+                                              "and genmd4 1e-4)")
+    sigma_min: Optional[float] = doc(None, "linear_sigma / geometric_sigma: σ(0); null = 1e-3")
+    sigma_max: Optional[float] = doc(None, "linear_sigma / geometric_sigma: σ(1); null = 7.0 / 1.0")
+    sampling_eps: Optional[float] = doc(None, "training t = eps + (1-eps)·u; null = the objective's own (mdlm/"
+                                              "d3pm/sedd 1e-3, md4 0, genmd4 1e-3 = its t1; its recon term covers "
+                                              "[0, t1))")
+    antithetic: bool = doc(True, "stratify u over the batch: u_i = (r_i + i)/B (MDLM/MD4 low-discrepancy t)")
+    T: Optional[int] = doc(None, "time steps of the discrete-time NELBO; 0 = continuous time; null = the objective's "
+                                 "own (d3pm 1000, others 0)")
+    time_conditioning: Optional[bool] = doc(None, "feed time to the network (σ(t) for mdlm/d3pm/sedd, t for md4/"
+                                                  "genmd4); null = the objective's own (mdlm off, others on)")
+    importance_sampling: bool = doc(False, "mdlm, loglinear/linear_sigma only: log-uniform masking rate in u with "
+                                           "the constant weight of the change of variables")
+    subs_masking: bool = doc(False, "d3pm only: suppress the mask logit (zero masking probability)")
+    genmd4_power_init: float = doc(1.0, "genmd4: initial value of every per-token power w_v (1 = linear schedule)")
+
+    def validate(self):
+        resolve_objective(self)
+
+
+def resolve_objective(cfg: ObjectiveConfig) -> dict:
+    """The objective's settings with every ``None``/empty field replaced by its convention; ConfigError on a bad mix."""
+    if cfg.name not in _DEFAULTS:
+        raise ConfigError(f"objective.name={cfg.name!r} is not one of {', '.join(OBJECTIVE_NAMES)}")
+    d = dict(_DEFAULTS[cfg.name])
+    if cfg.schedule:
+        d["schedule"] = cfg.schedule
+    for key in ("sampling_eps", "T", "time_conditioning"):
+        if getattr(cfg, key) is not None:
+            d[key] = getattr(cfg, key)
+    d.update(name=cfg.name, schedule_eps=cfg.schedule_eps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
+             antithetic=cfg.antithetic, importance_sampling=cfg.importance_sampling, subs_masking=cfg.subs_masking,
+             genmd4_power_init=cfg.genmd4_power_init)
+    name, sched = cfg.name, d["schedule"]
+
+    def bad(msg):
+        return ConfigError(f"objective.name={name}: {msg}")
+
+    if name == "ar":
+        if cfg.schedule or cfg.T or cfg.time_conditioning or cfg.importance_sampling:
+            raise bad("ar has no schedule, time steps or time conditioning; leave objective.schedule, T, "
+                      "time_conditioning and importance_sampling unset")
+        return d
+    if name == "genmd4":
+        if sched != "genmd4_poly":
+            raise bad(f"genmd4 learns its own per-token polynomial schedule; objective.schedule={sched!r} must be "
+                      "empty or genmd4_poly")
+        if cfg.sigma_min is not None or cfg.sigma_max is not None:
+            raise bad("genmd4 takes no sigma_min/sigma_max")
+        if cfg.genmd4_power_init <= 0:
+            raise bad(f"objective.genmd4_power_init must be > 0, got {cfg.genmd4_power_init}")
+    else:
+        from mdtrain.objectives.schedules import build_schedule
+        try:
+            build_schedule(sched, eps=cfg.schedule_eps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+        except ValueError as e:
+            raise bad(f"objective.schedule: {e}") from None
+    if d["T"] < 0:
+        raise bad(f"objective.T must be >= 0, got {d['T']}")
+    if not 0 <= d["sampling_eps"] < 1:
+        raise bad(f"objective.sampling_eps must be in [0, 1), got {d['sampling_eps']}")
+    if name == "genmd4" and d["sampling_eps"] <= 0:
+        raise bad("genmd4 needs objective.sampling_eps (its t1) > 0: its weight −w/t is not integrable at 0")
+    if d["T"] > 0 and name in ("sedd", "genmd4"):
+        raise bad(f"{name} is continuous-time only; set objective.T=0")
+    if name == "d3pm" and d["T"] == 0:
+        raise bad("d3pm is discrete-time: set objective.T > 0 (MDLM uses 1000)")
+    if name == "sedd" and not d["time_conditioning"]:
+        raise bad("sedd's log-score parameterisation needs σ(t): objective.time_conditioning must be true")
+    if cfg.subs_masking and name != "d3pm":
+        raise bad("objective.subs_masking applies to d3pm only")
+    if cfg.importance_sampling:
+        if name != "mdlm" or sched not in ("loglinear", "linear_sigma"):
+            raise bad("objective.importance_sampling needs objective.name=mdlm with schedule loglinear or "
+                      f"linear_sigma (got schedule {sched!r})")
+    return d
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = doc("ddpm_cache", "sampler name")
-    steps: int = doc(1000, "number of reverse steps T")
+    sampler: str = doc("auto", "auto (ddpm_cache, or ar for the ar objective), ddpm (exact absorbing posterior), "
+                               "ddpm_cache (re-run the network only for sequences that changed), ancestral (MD4, "
+                               "cosine grid), analytic (SEDD tau-leaping), ar", choices=SAMPLER_NAMES)
+    steps: int = doc(1000, "number of reverse steps T (ignored by ar)")
     num_samples: int = doc(8, "how many sequences to generate")
     batch_size: int = doc(8, "sequences generated at once")
     seed: int = doc(0, "generator seed")
+    top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with probability >= top_p (1 = off)")
+    noise_removal: str = doc("auto", "fill masks left at the end: greedy (argmax), ancestral (sample), none; auto = "
+                                     "the sampler's own (analytic: ancestral, others: greedy)",
+                             choices=("auto", "greedy", "ancestral", "none"))
+    grid: str = doc("auto", "time grid: uniform or cosine (MD4's t = cos(π/2·(1−u))); auto = cosine for ancestral, "
+                            "uniform otherwise", choices=("auto", "uniform", "cosine"))
+    t_min: Optional[float] = doc(None, "last time of the grid; null = 1e-5 (MDLM), 0 for ancestral (MD4)")
+    stride_length: int = doc(0, "semi-autoregressive: new tokens per extra window (0 = off)")
+    num_strides: int = doc(0, "semi-autoregressive: extra windows; output length = model length + "
+                              "num_strides·stride_length")
+    prefix: str = doc("", "text every sample starts with (encoded by `mdtrain sample`; given tokens never change)")
+    out: str = doc("", "`mdtrain sample`: output JSONL of texts and ids; empty = next to the checkpoint")
+    show: int = doc(4, "`mdtrain sample`: print the first N samples")
+
+    def validate(self):
+        if self.steps < 1:
+            raise ConfigError(f"sample.steps must be >= 1, got {self.steps}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sample.top_p must be in (0, 1], got {self.top_p}")
+        if (self.stride_length > 0) != (self.num_strides > 0):
+            raise ConfigError("semi-autoregressive sampling needs both sample.stride_length and sample.num_strides "
+                              f"> 0 (got {self.stride_length}, {self.num_strides})")
+
