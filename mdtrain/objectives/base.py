@@ -6,6 +6,7 @@ a sum over the batch unless its name says otherwise, so it can be all-reduced an
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Optional
 
@@ -47,7 +48,7 @@ def _metric(v) -> torch.Tensor:
     return (v if torch.is_tensor(v) else torch.tensor(v)).detach().to(torch.float64)
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, abc.ABC):
     """Base class. An nn.Module so that objectives with parameters (genmd4's schedule) are trained and
     checkpointed like the model: include ``objective.parameters()`` in the optimizer and ``state_dict()``."""
 
@@ -98,9 +99,10 @@ class Objective(nn.Module):
         return self.cond_value(t.to(torch.float64)).to(torch.float32)
 
     # --- loss --------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def loss(self, model_fn: ModelFn, x0: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None, noise: Optional[dict] = None):
-        raise NotImplementedError
+        """(training scalar per valid token, metrics with at least ``nll_sum`` and ``tokens``)."""
 
     def _finish(self, nll_terms: torch.Tensor, valid: torch.Tensor, surrogate=None, **extra):
         """(training scalar, metrics). ``nll_terms`` (per token or per sequence, 0 where invalid) sum to the batch's
@@ -164,9 +166,9 @@ class MaskedObjective(Objective):
         """Network outputs :meth:`nelbo` needs besides the logits at z_t (d3pm: its t = 0 pass on x0)."""
         return {}
 
+    @abc.abstractmethod
     def nelbo(self, logits, x0, xt, t, attention_mask=None) -> torch.Tensor:
         """Per-token NELBO estimate in nats (B, L) at time t for noised input xt; 0 at invalid positions."""
-        raise NotImplementedError
 
     # --- what samplers need (rows: logits at masked positions, (N, V) in the network's dtype) -------------
     rows_for_unmask_prob: bool = False  # unmask_prob reads the logits (parameterisations with mass on the mask)

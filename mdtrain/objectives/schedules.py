@@ -13,6 +13,7 @@ integrand is ``weight · log p_θ(x0 | z_t)`` at masked positions.
 """
 from __future__ import annotations
 
+import abc
 import difflib
 import math
 
@@ -21,21 +22,23 @@ import torch
 HALF_PI = math.pi / 2
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """α(t) for t ∈ [0, 1]. Subclasses give ``alpha``, ``mask_prob`` (= 1 − α) and ``dalpha`` in closed form."""
 
     name: str = ""
     eps: float = 0.0
 
+    @abc.abstractmethod
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """α(t): the probability that a token is still clean at time t."""
 
+    @abc.abstractmethod
     def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
         """1 − α(t): the probability that a token is masked at time t ("move chance")."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dalpha(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """α′(t)."""
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Total noise σ(t) = −log α(t) (MDLM/SEDD naming); what MDLM feeds to a time-conditioned network."""
@@ -201,14 +204,17 @@ class _MD4(Schedule):
     def __init__(self, eps: float = 1e-4):
         self.eps = eps
 
+    @abc.abstractmethod
     def abar(self, t):
-        raise NotImplementedError
+        """ā(t), the unshifted schedule."""
 
+    @abc.abstractmethod
     def one_minus_abar(self, t):
-        raise NotImplementedError
+        """1 − ā(t) in a form without cancellation."""
 
+    @abc.abstractmethod
     def dabar(self, t):
-        raise NotImplementedError
+        """ā′(t)."""
 
     def alpha(self, t):
         return (1 - 2 * self.eps) * self.abar(t) + self.eps
