@@ -49,6 +49,7 @@ def make_model_fn(model: torch.nn.Module):
 
     if hasattr(model, "decode_step"):
         model_fn.decode_step = model.decode_step
+    model_fn.device = next(model.parameters()).device  # samplers put their tokens here
     return model_fn
 
 

@@ -51,7 +51,7 @@ def main(args) -> int:
         opts = sampler_options(scfg)
         template = _template(bundle, getattr(scfg, "prefix", ""), b, cfg.data.seq_len)
         if template is not None:
-            opts["template"] = template
+            opts["prefix"] = template
         with torch.no_grad():
             tokens, info = sample(bundle.objective, model_fn, b, cfg.data.seq_len, scfg.steps, gen,
                                   sampler=scfg.sampler, **opts)

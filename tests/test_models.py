@@ -22,16 +22,6 @@ VARIANTS = ["mdlm", "md4"]
 V, L = 40, 24  # vocabulary (mask token = V - 1 included) and length of the small tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and immune to the 10-100x OpenMP slowdowns that two
-    threads per process suffer when other processes load the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_cfg(name, variant="mdlm", **kw):
     return ModelConfig(name=name, variant=variant, flavor="debug", dropout=kw.pop("dropout", 0.0),
                        mamba_d_state=kw.pop("mamba_d_state", 8), **kw)

@@ -10,14 +10,6 @@ from mdtrain.configtools import ConfigError
 from mdtrain.objectives import ObjectiveConfig, build_objective, draw_noise, resolve_objective
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 B, L, V = 3, 6, 7
 
 

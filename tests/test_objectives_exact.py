@@ -11,14 +11,6 @@ from mdtrain.objectives import ObjectiveConfig, build_objective, draw_noise
 from mdtrain.objectives.toy import ExactJoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 NT, L = 3, 3
 MASK, VOCAB = NT, NT + 1
 JOINT = ExactJoint.random(NT, L, seed=0, vocab_size=VOCAB, mask_id=MASK)

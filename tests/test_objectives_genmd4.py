@@ -8,15 +8,6 @@ import torch
 from mdtrain.objectives import ObjectiveConfig, build_objective, draw_noise
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 V, MASK = 5, 4
 
 

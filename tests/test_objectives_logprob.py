@@ -7,15 +7,6 @@ from mdtrain.objectives import ObjectiveConfig, build_objective, logprob
 from mdtrain.objectives.logprob import gather_lse, softmax_expectation, target_logprob, use_impl
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(params=[None, 3])
 def suppress(request):
     return request.param

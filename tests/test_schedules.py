@@ -8,14 +8,6 @@ import torch
 from mdtrain.objectives.schedules import NAMES, build_schedule, importance_sampling_weight
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 mp.mp.dps = 50
 
 # α(t) in high precision, straight from the papers' definitions (mdlm.md §3, md4.md §2.3).
