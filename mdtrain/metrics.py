@@ -109,14 +109,13 @@ class MetricsLogger:
 
     def advance(self, step: int) -> None:
         if self.bar is not None:
-            if self.start_step is None:
-                self.start_step = step - 1
-                self.bar.n = step - 1
             self.bar.update(step - self.bar.n)
 
     def eta_s(self, step: int) -> Optional[float]:
+        """Remaining time from the rate since the first logged step (start-up and the first step excluded)."""
         if self.start_step is None:
-            self.start_step = step - 1
+            self.start_step, self.start_time = step, time.time()
+            return None
         done = step - self.start_step
         if done <= 0:
             return None
