@@ -84,6 +84,8 @@ class MetricsLogger:
         self.start_step: Optional[int] = None
         self.wandb: Optional[WandbLogger] = None
         self.bar = None
+        if enabled:
+            _drop_partial_last_line(self.path)
         if enabled and wandb_cfg is not None:
             self.wandb = WandbLogger(run_dir, **wandb_cfg)
         if enabled and progress_bar and sys.stderr.isatty():
@@ -149,6 +151,17 @@ class MetricsLogger:
             self.bar.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def _drop_partial_last_line(path: str) -> None:
+    """A run killed mid-write leaves half a JSON row; cut it so the resumed run appends whole rows."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data.endswith(b"\n"):
+            return
+        fh.truncate(data.rfind(b"\n") + 1)
 
 
 def eval_row(step: int, split: str, nll_sum: float, tokens: float, bound: str) -> dict:
