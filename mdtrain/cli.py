@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mdtrain", description="Train masked-diffusion language models (MDLM, MD4/GenMD4, SEDD, D3PM, AR) "
         "on DiT and bidirectional-Mamba backbones, from one CPU to a SLURM cluster.")
     parser.add_argument("--version", action="version", version=_version())
+    # the deepspeed launcher puts --local_rank=N right after the script, i.e. before the subcommand
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("prepare", help=COMMANDS["prepare"][2], description=COMMANDS["prepare"][2])
@@ -79,6 +81,10 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # its own parser (argparse's REMAINDER cannot pass a leading --help through)
+        from launch.slurm import main as launch_main
+        return int(launch_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -16,6 +16,7 @@ from mdtrain.configtools import (ConfigError, atomic_write_text, doc, dump_yaml,
 from mdtrain.data.config import DataConfig
 from mdtrain.models.config import ModelConfig
 from mdtrain.objectives.config import ObjectiveConfig, SampleConfig
+from launch.config import LaunchConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config"]
 
@@ -117,6 +118,7 @@ class Config:
     logging: LoggingConfig = section(LoggingConfig, "console, metrics.jsonl, wandb")
     eval: EvalConfig = section(EvalConfig, "validation NELBO / perplexity")
     sample: SampleConfig = section(SampleConfig, "sampling")
+    launch: LaunchConfig = section(LaunchConfig, "mdtrain launch: SLURM resources and requeue policy")
 
     def validate(self):
         if self.objective.name == "ar" and self.model.name != "causal":
