@@ -2,8 +2,9 @@
 
 Every sample's diffusion noise is drawn from a generator seeded by (seed, step, global sample index), so a resumed run
 repeats a step exactly and the noise does not depend on how the global batch is split over ranks and accumulation
-steps. The global batch is laid out rank-major: on data-parallel rank r, micro-step a, row i, the global index is
-``r * (accum * micro) + a * micro + i``, so one process running ``accum * dp`` micro-steps sees the same indices.
+steps. The index follows the loader's stream order, where micro-step a of every step hands data-parallel rank r the
+r-th block of ``micro`` samples: row i there has global index ``(a * dp + r) * micro + i``. One process running
+``accum * dp`` micro-steps of the same size, or fewer larger ones, sees each sample with the same index.
 """
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _noise(self, step: int, micro: int, batch_size: int, seq_len: int, seed: int, stream: int, total: int):
-        base = self.ctx.dp_rank * (self.accum * batch_size) + micro * batch_size
+        base = (micro * self.ctx.dp_size + self.ctx.dp_rank) * batch_size  # the loader's order (mdtrain.rng)
         noise = rng.keyed_noise(self.objective.noise_spec(seq_len), tuple(self.objective.stratified_keys), seed, step,
                                 list(range(base, base + batch_size)), total, stream)
         return {k: v.to(self.device) for k, v in noise.items()}
