@@ -136,8 +136,16 @@ class CheckpointManager:
         self.root = root
         self.keep_last = keep_last
         self.ctx = ctx
+        self._pending: Optional[tuple] = None  # (tmp, final, step, extra_files, wait) of an asynchronous save
 
-    def save(self, step: int, write: Callable[[str], None], extra_files: Callable[[str], None] = None) -> str:
+    def save(self, step: int, write: Callable[[str], None], extra_files: Callable[[str], None] = None,
+             wait: Optional[Callable[[], None]] = None) -> str:
+        """Write checkpoint ``step`` through ``write(tmp_dir)`` on every rank and publish it.
+
+        With ``wait`` (an asynchronous engine save), publishing is deferred to the next ``save`` or ``finish``:
+        ``wait()`` blocks until the background write is done, then the manifest is written and the directory renamed.
+        A run killed before that leaves only ``step_X.tmp``, which is never loaded."""
+        self.finish()
         final = os.path.join(self.root, step_dir_name(step))
         tmp = final + ".tmp"
         if self.ctx.is_main:
@@ -147,6 +155,19 @@ class CheckpointManager:
             os.makedirs(tmp)
         self.ctx.barrier()
         write(tmp)  # every rank writes its shards
+        self._pending = (tmp, final, step, extra_files, wait)
+        if wait is None:
+            self.finish()
+        return final
+
+    def finish(self) -> None:
+        """Publish a pending checkpoint (after its background write completed). Collective."""
+        if self._pending is None:
+            return
+        tmp, final, step, extra_files, wait = self._pending
+        self._pending = None
+        if wait is not None:
+            wait()
         self.ctx.barrier()
         if self.ctx.is_main:
             if extra_files:
@@ -158,7 +179,6 @@ class CheckpointManager:
             _fsync_dir(self.root)
             self._prune()
         self.ctx.barrier()
-        return final
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

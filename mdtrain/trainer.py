@@ -289,8 +289,10 @@ class Trainer:
         def extra(path):
             save_config(cfg, os.path.join(path, "config.yaml"))
             tok.save(os.path.join(path, "tokenizer"))
-        path = self.ckpt.save(self.step, lambda p: self.engine.save_checkpoint(p, self.client_state()), extra)
-        self.metrics.print(f"saved checkpoint {path}")
+        async_save = self.cfg.checkpoint.async_save
+        path = self.ckpt.save(self.step, lambda p: self.engine.save_checkpoint(p, self.client_state(), async_save),
+                              extra, wait=self.engine.wait_checkpoint if async_save else None)
+        self.metrics.print(f"{'writing' if async_save else 'saved'} checkpoint {path}")
 
     def _resume(self) -> None:
         path = self.resume_path
@@ -312,6 +314,7 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def close(self) -> None:
+        self.ckpt.finish()
         self.metrics.close()
         self.engine.close()
 

@@ -247,3 +247,17 @@ def test_validation_nll_approaches_but_never_beats_the_source_entropy(objective,
     assert H is not None and H > 0
     assert after < before, (before, after)
     assert after > H, f"validation NLL {after:.4f} nats/token is below the source entropy {H:.4f}: a leak"
+
+
+def test_async_checkpoints_are_published_complete_and_resume_exactly(tmp_path):
+    from mdtrain.checkpoint import list_checkpoints, verify
+    sync, asy = str(tmp_path / "sync"), str(tmp_path / "async")
+    mdtrain("train", *TINY, "train.steps=6", "checkpoint.every=2", f"train.run_dir={sync}")
+    mdtrain("train", *TINY, "train.steps=4", "checkpoint.every=2", "checkpoint.async_save=true",
+            "checkpoint.keep_last=0", f"train.run_dir={asy}")
+    ckpts = list_checkpoints(os.path.join(asy, "checkpoints"))
+    assert [s for s, _ in ckpts] == [2, 4] and all(verify(p) is None for _, p in ckpts)
+    assert not [d for d in os.listdir(os.path.join(asy, "checkpoints")) if d.endswith(".tmp")]
+    mdtrain("train", *TINY, "train.steps=6", "checkpoint.every=2", "checkpoint.async_save=true", f"train.run_dir={asy}")
+    a, b = train_rows(sync), train_rows(asy)
+    assert [a[s]["loss"] for s in range(1, 7)] == [b[s]["loss"] for s in range(1, 7)]
