@@ -9,7 +9,6 @@ Also ``export``: consolidated safetensors + config + tokenizer, loadable with ``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import warnings
 from typing import Callable, Optional
 
 from mdtrain.configtools import atomic_write_text
+from mdtrain.data.shards import file_sha256
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -25,14 +25,6 @@ MANIFEST = "manifest.json"
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: str) -> None:
@@ -64,7 +56,7 @@ def write_manifest(path: str, step: int, extra: Optional[dict] = None) -> None:
         full = os.path.join(path, rel)
         with open(full, "rb") as fh:  # data must be on disk before the manifest vouches for it
             os.fsync(fh.fileno())
-        files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+        files[rel] = {"size": os.path.getsize(full), "sha256": file_sha256(full)}
     for d, _, _ in os.walk(path):
         _fsync_dir(d)
     atomic_write_text(os.path.join(path, MANIFEST), json.dumps({"step": step, "files": files, **(extra or {})},
@@ -87,7 +79,7 @@ def verify(path: str, checksums: bool = True) -> Optional[str]:
             return f"missing file {rel}"
         if os.path.getsize(full) != meta["size"]:
             return f"file {rel} has {os.path.getsize(full)} bytes, manifest says {meta['size']} (truncated?)"
-        if checksums and _sha256(full) != meta["sha256"]:
+        if checksums and file_sha256(full) != meta["sha256"]:
             return f"file {rel} does not match its sha256 (corrupt)"
     return None
 
