@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+import mdtrain.parallel.tensor_parallel_state as tp_state
 from mdtrain.parallel.dist import DistContext, ensure_process_group
 from mdtrain.parallel.engines.base import Engine, clip_and_norm, fp32_cpu
 
@@ -78,7 +79,7 @@ class DCPEngine(Engine):
         self._pending = None
 
     def step(self, max_norm: float, skip: bool = False) -> float:
-        norm = float("nan") if skip else clip_and_norm(list(self.module.parameters()), max_norm)
+        norm = float("nan") if skip else tp_state.engine_clip(self.module, max_norm, clip_and_norm)
         if not skip and math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -109,7 +110,9 @@ class DCPEngine(Engine):
         return {"process_group": self._ckpt_group, "no_dist": not self.ctx.distributed}
 
     def _save_state(self, path: str, async_save: bool) -> None:
-        state = self._dcp_state(self._optimizer_started(), self.has_ema)
+        # a TP model stores its split tensors under per-TP-rank keys (identity without TP)
+        state = tp_state.engine_checkpoint_state(self.module,
+                                                 self._dcp_state(self._optimizer_started(), self.has_ema))
         ckpt = os.path.join(path, "dcp")
         with _quiet_single_process():
             if async_save:
@@ -126,8 +129,9 @@ class DCPEngine(Engine):
     def _load_state(self, path: str, meta: dict) -> None:
         with_optim = meta.get("optim", True)
         state = self._dcp_state(with_optim, meta["ema"])
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"), **self._dcp_kwargs())
+        with _quiet_single_process():  # also re-splits a checkpoint written at another TP size
+            state = tp_state.engine_load(self.module, state, os.path.join(path, "dcp"), meta.get("tp_size", 1),
+                                         **self._dcp_kwargs())
         if with_optim:
             set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
@@ -135,7 +139,10 @@ class DCPEngine(Engine):
             set_model_state_dict(self.module, state["model"])
 
     def _full_state_dict(self) -> Dict[str, torch.Tensor]:
-        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if tp_state.tp_of(self.module) is not None:
+            sd = tp_state.engine_full_state_dict(self.module)
+        else:
+            sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return fp32_cpu(sd) if self.ctx.is_main else {}
 
 
@@ -173,6 +180,10 @@ class FSDPEngine(DCPEngine):
 
     def __init__(self, pcfg, model: nn.Module, make_optimizer, ctx: DistContext, precision: str):
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+        if ctx.tp_size > 1:  # why: tensor_parallel_layout.check_config
+            raise ValueError(f"parallel.engine=fsdp does not run with parallel.tp={ctx.tp_size}: the Megatron TP "
+                             f"shards are plain tensors, which FSDP2 cannot tell apart; use engine=deepspeed "
+                             f"(zero_stage 1 or 2) or engine=ddp with tensor parallelism")
         blocks = getattr(model, "blocks", None)
         if not isinstance(blocks, nn.ModuleList):
             raise TypeError(f"parallel.engine=fsdp shards per block and needs model.blocks (an nn.ModuleList); "

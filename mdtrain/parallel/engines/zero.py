@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import mdtrain.parallel.tensor_parallel_state as tp_state
 from mdtrain.parallel.dist import DistContext, ensure_process_group
 from mdtrain.parallel.engines.base import Engine, rank_file, clip_and_norm, fp32_cpu, read_meta, safe_load
 from mdtrain.parallel.engines.torch_native import broadcast_module
@@ -140,9 +141,6 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, pcfg, model: nn.Module, make_optimizer, ctx: DistContext, precision: str, grad_accum: int,
                  micro_batch_size: int):
-        if ctx.tp_size > 1:
-            raise ValueError("parallel.engine=deepspeed runs without tensor parallelism; use parallel.tp=1 "
-                             "(or engine=fsdp / ddp with tp)")
         ensure_process_group(ctx)
         os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))  # DeepSpeed reads it
         deepspeed = import_deepspeed(ctx.device)
@@ -154,8 +152,14 @@ class DeepSpeedEngine(Engine):
         broadcast_module(model, ctx)
         self.config = deepspeed_config(pcfg, precision, grad_accum, micro_batch_size, ctx.dp_size, ctx.device)
         self.stage = int(self.config["zero_optimization"]["stage"])
+        mpu = None
+        if ctx.tp_size > 1:  # ZeRO partitions over the data-parallel group; norms and file names know the TP ranks
+            if self.stage == 3:
+                raise ValueError(f"parallel.zero_stage=3 does not run with parallel.tp={ctx.tp_size}; use stage 1 or 2")
+            from mdtrain.parallel.tensor_parallel import MegatronMPU
+            mpu = MegatronMPU()
         ds, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=self.config,
-                                                dist_init_required=False)
+                                                mpu=mpu, dist_init_required=False)
         self.ds = ds
         # stage 0 in fp32 keeps the torch optimizer as is: full replicated weights, we clip and step ourselves
         self._replicated = not hasattr(ds_opt, "clip_grad")
@@ -177,7 +181,7 @@ class DeepSpeedEngine(Engine):
 
     def step(self, max_norm: float, skip: bool = False) -> float:
         if self._replicated:
-            norm = float("nan") if skip else clip_and_norm(list(self.module.parameters()), max_norm)
+            norm = float("nan") if skip else tp_state.engine_clip(self.module, max_norm, clip_and_norm)
             if math.isfinite(norm):
                 self.ds.step()
             else:
@@ -246,10 +250,15 @@ class DeepSpeedEngine(Engine):
                 if name in frags:
                     piece, start = frags[name]
                     full[start:start + piece.numel()].copy_(piece)
-                dist.reduce(full, dst=0, op=dist.ReduceOp.SUM)  # fragments are disjoint: the sum assembles
+                # fragments are disjoint within the data-parallel group: the sum assembles
+                dist.reduce(full, dst=dist.get_global_rank(self.ctx.dp_group, 0), op=dist.ReduceOp.SUM,
+                            group=self.ctx.dp_group)
                 full = full.view(shape)
-            if self.ctx.is_main:
+            if self.ctx.dp_rank == 0:
                 out[key] = full
+        if self.ctx.tp_size > 1 and self.ctx.dp_rank == 0:  # TP pieces -> single-device tensors
+            info = tp_state.tp_of(self.module)
+            out = tp_state.gather_full(out, info.layout, info.group)
         return fp32_cpu(out) if self.ctx.is_main else {}
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
@@ -274,7 +283,7 @@ class DeepSpeedEngine(Engine):
         if self.ctx.is_main:
             verify_pickles(folder)
         self.ctx.barrier()
-        if meta["world_size"] == self.ctx.world_size:
+        if meta["world_size"] == self.ctx.world_size and meta.get("tp_size", 1) == self.ctx.tp_size:
             self.ds.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
             self._load_resharded(path, folder, meta)
@@ -282,17 +291,23 @@ class DeepSpeedEngine(Engine):
             self._load_ema(path, meta)
 
     def _load_resharded(self, path: str, folder: str, meta: dict) -> None:
-        """Another data-parallel size: convert to DeepSpeed's universal format (model + optimizer), then load."""
+        """Another data-parallel or tensor-parallel size: convert to DeepSpeed's universal format (model +
+        optimizer; TP pieces re-cut for this run's TP size), then load."""
+        old_tp = meta.get("tp_size", 1)
+        if old_tp != self.ctx.tp_size and self._replicated:
+            raise RuntimeError(f"checkpoint {path} was written with parallel.tp={old_tp}; a ZeRO stage 0 checkpoint "
+                               f"loads only at the same tensor-parallel size (this run: {self.ctx.tp_size})")
         if self._replicated:  # stage 0: nothing is partitioned, the saved state loads as is
             self.ds.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
             return
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
         tmp = None
         if self.ctx.is_main:
             tmp = tempfile.mkdtemp(prefix=".universal-", dir=os.path.dirname(os.path.abspath(path)))
-            args = _UniversalArgs(input_folder=os.path.join(folder, TAG), output_folder=os.path.join(tmp, TAG))
-            with contextlib.redirect_stdout(_LogWriter()), contextlib.redirect_stderr(_LogWriter()):
-                ds_to_universal(args)
+            _to_universal(os.path.join(folder, TAG), os.path.join(tmp, TAG))
+            if old_tp != self.ctx.tp_size:  # merge the old TP pieces, cut them for this run's TP size
+                from mdtrain.parallel.tensor_parallel_zero import relayout_universal
+                relayout_universal(os.path.join(tmp, TAG, "zero"), tp_state.layout_of(self.module), old_tp,
+                                   self.ctx.tp_size)
             log.info("converted the ZeRO-%d checkpoint from %d to %d ranks through DeepSpeed's universal format",
                      self.stage, meta["world_size"], self.ctx.world_size)
         holder = [tmp]
@@ -328,8 +343,19 @@ class DeepSpeedEngine(Engine):
     def _load_ema(self, path: str, meta: dict) -> None:
         frags = self._fragments()
         targets = {n: (s, frags[n][1]) for n, s in self._ema.shadow.items()}
+        old_tp = meta.get("tp_size", 1)
+        if old_tp != self.ctx.tp_size:  # merge the old TP pieces, cut this rank's, keep this rank's fragments
+            from mdtrain.parallel.tensor_parallel_zero import ema_local
+            local = ema_local(path, tp_state.layout_of(self.module), old_tp, meta["world_size"], self.ctx.tp_rank,
+                              self.ctx.tp_size)
+            with torch.no_grad():
+                for n, (dst, start) in targets.items():
+                    dst.copy_(local[n].reshape(-1)[start:start + dst.numel()])
+            return
         files = [rank_file(path, "ema", r) for r in range(meta["world_size"])]
-        place_fragments(files if meta["world_size"] != self.ctx.world_size else [files[self.ctx.rank]], targets)
+        # fragments are offsets into one TP rank's pieces: only that TP rank's files overlap this rank's
+        mine = [f for g, f in enumerate(files) if g % old_tp == self.ctx.tp_rank]
+        place_fragments(mine if meta["world_size"] != self.ctx.world_size else [files[self.ctx.rank]], targets)
 
 
 @torch.no_grad()
@@ -359,6 +385,9 @@ def consolidated_state_dict(path: str, model_state: Dict[str, torch.Tensor], ema
     folder = os.path.join(path, "deepspeed")
     verify_pickles(folder)
     import_deepspeed(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if meta.get("tp_size", 1) > 1:  # zero_to_fp32 does not know TP ranks
+        from mdtrain.parallel.tensor_parallel_zero import consolidated
+        return consolidated(path, model_state, ema, meta, _to_universal)
     if meta["zero_stage"] == 0:  # zero_to_fp32 does not read stage 0: the module is saved whole
         with torch.serialization.safe_globals(_allowed_globals()):
             saved = torch.load(os.path.join(folder, TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
@@ -377,6 +406,12 @@ def consolidated_state_dict(path: str, model_state: Dict[str, torch.Tensor], ema
         for k in place_fragments(files, {k: (v, 0) for k, v in flat.items()}) & set(flat):
             out[k] = flat[k].view(out[k].shape).to(out[k].dtype)
     return out
+
+
+def _to_universal(input_folder: str, output_folder: str) -> None:
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    with contextlib.redirect_stdout(_LogWriter()), contextlib.redirect_stderr(_LogWriter()):
+        ds_to_universal(_UniversalArgs(input_folder=input_folder, output_folder=output_folder))
 
 
 class _UniversalArgs:

@@ -1,0 +1,294 @@
+"""State of a tensor-parallel model outside its forward: gradient norms, full (single-device) state dicts, and
+checkpoints written per TP rank that load at the same layout, at another TP size, or into one plain process.
+
+Megatron-free (torch.distributed and DCP only), so the engines and ``mdtrain export`` use it without importing
+Megatron. A model's cuts come from ``tensor_parallel_layout.ModelLayout``.
+
+DCP checkpoint keys under TP: a tensor that differs between TP ranks (the split part of a weight, its AdamW
+moments, its EMA shadow) is stored as ``tp{rank}.{name}``; replicated tensors keep their plain name and are
+written once (DCP de-duplicates identical keys; data-parallel replicas of a TP rank likewise). A checkpoint
+written with ``tp_size`` 1 has plain names only. Loading at another TP size reads every old rank's pieces,
+merges them into full tensors and cuts this rank's pieces out again (weights, AdamW state and EMA alike).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Iterable, List, Mapping
+
+import torch
+import torch.distributed as dist
+
+from mdtrain.parallel.tensor_parallel_layout import ModelLayout
+
+Tensors = Dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what the engines call (each a no-op passthrough for a model without tensor parallelism)
+
+
+def tp_of(module: torch.nn.Module):
+    """The ``TPInfo`` that ``apply_tensor_parallel`` attached, or None (a single-device model)."""
+    return getattr(module, "_mdtrain_tp", None)
+
+
+def layout_of(module: torch.nn.Module) -> ModelLayout:
+    info = tp_of(module)
+    if info is not None:
+        return info.layout
+    return ModelLayout.from_shapes({k: v.shape for k, v in module.state_dict().items()})
+
+
+def engine_clip(module: torch.nn.Module, max_norm: float, fallback) -> float:
+    """Clip and return the global gradient norm: TP-aware for a TP model, else ``fallback(params, max_norm)``."""
+    info = tp_of(module)
+    if info is None:
+        return fallback(list(module.parameters()), max_norm)
+    return clip_grad_norm(module.parameters(), max_norm, info.group)
+
+
+def engine_checkpoint_state(module: torch.nn.Module, state: dict) -> dict:
+    """The engine's DCP dict as written to disk: TP-split tensors under ``tp{rank}.`` keys."""
+    info = tp_of(module)
+    return state if info is None else rename_for_checkpoint(state, info.layout, info.rank, info.size)
+
+
+def engine_load(module: torch.nn.Module, state: dict, path: str, old_tp: int, **dcp_kwargs) -> dict:
+    """Fill the engine's DCP dict (``state``: this process's names and shapes) from the checkpoint at ``path``
+    (its ``dcp/`` folder) written by ``old_tp`` TP ranks; returns the filled dict (EMA shadows in place)."""
+    import torch.distributed.checkpoint as dcp
+
+    info = tp_of(module)
+    new_tp, rank = (info.size, info.rank) if info is not None else (1, 0)
+    if old_tp == new_tp:
+        view = engine_checkpoint_state(module, state)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            dcp.load(view, checkpoint_id=path, **dcp_kwargs)
+        return restore_from_checkpoint(view) if info is not None else view
+    out = load_resharded(path, layout_of(module), old_tp, rank, new_tp, state, **dcp_kwargs)
+    if "ema" in out:  # the engine's EMA shadows are live tensors: fill them in place
+        with torch.no_grad():
+            for k, v in out["ema"].items():
+                state["ema"][k].copy_(v)
+        out["ema"] = state["ema"]
+    return out
+
+
+def engine_full_state_dict(module: torch.nn.Module) -> Tensors:
+    """Single-device weights of a TP model on every rank (collective over its TP group)."""
+    return full_state_dict(module, tp_of(module))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gradient norm
+
+
+def is_split(p: torch.Tensor) -> bool:
+    """True for a parameter whose values differ between TP ranks (Megatron's ``tensor_model_parallel`` flag)."""
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, tp_group) -> float:
+    """The global L2 gradient norm of a TP model (split gradients summed over TP ranks, replicated ones counted
+    once), then clip in place as ``torch.nn.utils.clip_grad_norm_`` does; every rank returns the same norm.
+
+    Gradients must already be reduced over data-parallel ranks (after DDP's all-reduce)."""
+    params = [p for p in params if p.grad is not None]
+    first = dist.get_rank(tp_group) == 0
+    dev = params[0].grad.device if params else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for p in params:
+        if is_split(p) or first:  # replicated gradients are identical on every TP rank: count them once
+            sq += p.grad.detach().double().pow(2).sum()
+    dist.all_reduce(sq, group=tp_group)
+    norm = float(sq.sqrt())
+    if max_norm > 0 and math.isfinite(norm):
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_([p.grad for p in params], coef)
+    return norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# full <-> local state dicts
+
+
+def gather_full(local: Mapping[str, torch.Tensor], layout: ModelLayout, tp_group) -> Tensors:
+    """The single-device state dict (CPU, detached) from every TP rank's ``local``; collective over ``tp_group``,
+    every rank gets the result. Pieces of one tensor have the same shape on all ranks (vocab rows are padded)."""
+    size = dist.get_world_size(tp_group)
+    per_rank: List[Tensors] = [dict() for _ in range(size)]
+    split = layout.split_set(size)
+    for name in sorted(local):
+        t = local[name].detach()
+        if name in split:
+            parts = [torch.empty_like(t) for _ in range(size)]
+            dist.all_gather(parts, t.contiguous(), group=tp_group)
+            for r in range(size):
+                per_rank[r][name] = parts[r].cpu()
+        else:
+            for r in range(size):
+                per_rank[r][name] = t.cpu()
+    return layout.merge_state_dicts(per_rank)
+
+
+def full_state_dict(module: torch.nn.Module, info) -> Tensors:
+    """The single-device state dict of a TP model (names and shapes as without TP). Collective over TP ranks."""
+    return gather_full(module.state_dict(), info.layout, info.group)
+
+
+@torch.no_grad()
+def load_full_state_dict(module: torch.nn.Module, full: Mapping[str, torch.Tensor], info) -> None:
+    """Cut this rank's pieces out of a single-device state dict and load them."""
+    module.load_state_dict(info.layout.shard_state_dict(full, info.rank, info.size), strict=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoint keys
+
+
+def ckpt_key(name: str, rank: int, split: set) -> str:
+    return f"tp{rank}.{name}" if name in split else name
+
+
+def _parse_key(key: str):
+    """(rank, local name) of a ``tp{rank}.`` key, (None, key) for a plain one."""
+    head, _, rest = key.partition(".")
+    if head.startswith("tp") and head[2:].isdigit() and rest:
+        return int(head[2:]), rest
+    return None, key
+
+
+def rename_for_checkpoint(state: dict, layout: ModelLayout, rank: int, tp: int) -> dict:
+    """The engine's DCP dict ({"model", "optim", "ema"}) with this rank's split tensors under ``tp{rank}.`` keys.
+
+    Optimizer ``param_groups`` keep plain names: they are identical on every TP rank."""
+    split = layout.split_set(tp)
+    out = dict(state)
+    for key in ("model", "ema"):
+        if key in state:
+            out[key] = {ckpt_key(n, rank, split): v for n, v in state[key].items()}
+    if "optim" in state:
+        out["optim"] = dict(state["optim"],
+                            state={ckpt_key(n, rank, split): v for n, v in state["optim"]["state"].items()})
+    return out
+
+
+def restore_from_checkpoint(state: dict) -> dict:
+    """Undo ``rename_for_checkpoint`` (after ``dcp.load`` filled the renamed dict in place)."""
+    strip = lambda d: {_parse_key(k)[1]: v for k, v in d.items()}  # noqa: E731
+    out = dict(state)
+    for key in ("model", "ema"):
+        if key in state:
+            out[key] = strip(state[key])
+    if "optim" in state:
+        out["optim"] = dict(state["optim"], state=strip(state["optim"]["state"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading a checkpoint written at another TP size
+
+
+def _template(layout: ModelLayout, old_tp: int, like: Mapping[str, torch.Tensor]) -> Tensors:
+    """Empty CPU tensors under the keys that a checkpoint written by ``old_tp`` ranks holds for the tensors of
+    ``like`` (this process's tensors of one family: weights, EMA shadows or one AdamW state; any layout).
+    0-dim tensors (AdamW's step) are one value per parameter piece."""
+    split = layout.split_set(old_tp)
+    refs: Tensors = {}
+    for k, v in like.items():
+        refs.setdefault(layout.full_name(k), v)
+    out = {}
+    for full, ref in refs.items():
+        for n, shape in layout.pieces(full, old_tp).items():
+            for r in (range(old_tp) if n in split else [0]):
+                out[ckpt_key(n, r, split)] = torch.empty(() if ref.dim() == 0 else shape, dtype=ref.dtype)
+    return out
+
+
+def _relayout(loaded: Mapping[str, torch.Tensor], layout: ModelLayout, old_tp: int, rank: int, tp: int,
+              like: Mapping[str, torch.Tensor]) -> Tensors:
+    """Old-layout tensors (keys as ``_template``) -> single-device tensors -> this rank's pieces, cast and placed
+    like ``like``."""
+    per_rank: List[Tensors] = [dict() for _ in range(old_tp)]
+    scalars: Tensors = {}
+    for key, v in loaded.items():
+        r, name = _parse_key(key)
+        if v.dim() == 0:
+            scalars.setdefault(layout.full_name(name), v)
+            continue
+        for rr in (range(old_tp) if r is None else [r]):
+            per_rank[rr][name] = v
+    full = layout.merge_state_dicts(per_rank) if per_rank[0] else {}
+    local = layout.shard_state_dict(full, rank, tp)
+    out = {}
+    for n, t in like.items():
+        v = scalars[layout.full_name(n)] if t.dim() == 0 else local[n]
+        out[n] = v.to(device=t.device, dtype=t.dtype).clone()
+    return out
+
+
+def load_resharded(path: str, layout: ModelLayout, old_tp: int, rank: int, tp: int, current: dict,
+                   **dcp_kwargs) -> dict:
+    """Read a DCP checkpoint written by ``old_tp`` TP ranks into this rank's pieces at ``tp``.
+
+    ``current`` is the engine's dict for this process ({"model", "optim", "ema"}, current names and shapes) and
+    gives structure, dtypes and devices. Returns a dict of that structure holding the checkpoint's values; the
+    optimizer's ``param_groups`` stay this process's (hyperparameters come from the config, and parameter names
+    differ between layouts). Every rank reads the whole model: the one-off cost of changing the layout."""
+    import torch.distributed.checkpoint as dcp
+
+    families = {key: current[key] for key in ("model", "ema") if key in current}
+    if "optim" in current:  # AdamW's per-parameter {"step", "exp_avg", "exp_avg_sq"}: one family per state key
+        states = current["optim"]["state"]
+        for k in sorted({k for st in states.values() for k in st}):
+            families[("optim", k)] = {n: st[k] for n, st in states.items() if k in st}
+    templates = {key: _template(layout, old_tp, like) for key, like in families.items()}
+    request = {key: templates[key] for key in ("model", "ema") if key in templates}
+    if "optim" in current:
+        request["optim"] = {"state": {}}
+        for key, tmpl in templates.items():
+            if isinstance(key, tuple):
+                for ck, t in tmpl.items():
+                    request["optim"]["state"].setdefault(ck, {})[key[1]] = t
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load(request, checkpoint_id=path, **dcp_kwargs)
+    out = dict(current)
+    optim_state: Dict[str, dict] = {}
+    for key, like in families.items():
+        new = _relayout(templates[key], layout, old_tp, rank, tp, like)
+        if isinstance(key, tuple):
+            for n, v in new.items():
+                optim_state.setdefault(n, {})[key[1]] = v
+        else:
+            out[key] = new
+    if "optim" in current:
+        out["optim"] = dict(current["optim"], state=optim_state)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one plain process (export / eval / sample)
+
+
+def load_consolidated(path: str, model_state: Mapping[str, torch.Tensor], ema: bool, tp_size: int,
+                      has_ema: bool) -> Tensors:
+    """Full weights of the single-device model from a DCP checkpoint (``path``: its ``dcp/`` folder) written by
+    ``tp_size`` TP ranks, in one process without a process group; EMA weights where ``ema`` and the checkpoint
+    has them (the EMA covers trainable parameters; buffers come from the weights)."""
+    layout = ModelLayout.from_shapes({k: v.shape for k, v in model_state.items()})
+    current = {"model": {k: v.detach() for k, v in model_state.items()}}
+    if ema and has_ema:
+        import torch.distributed.checkpoint as dcp
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        split = layout.split_set(tp_size)
+        current["ema"] = {k: v.detach().float() for k, v in model_state.items()
+                          if any(f"ema.{ckpt_key(n, 0, split)}" in stored for n in layout.pieces(k, tp_size))}
+    out = load_resharded(path, layout, tp_size, 0, 1, current, no_dist=True)
+    model = out["model"]
+    for k, v in out.get("ema", {}).items():
+        model[k] = v.to(model[k].dtype)
+    return model
