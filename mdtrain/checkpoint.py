@@ -215,6 +215,9 @@ def load_consolidated(path: str, model_state: dict, ema: bool) -> dict:
     if meta["engine"] == "deepspeed":
         from mdtrain.parallel.engines.zero import consolidated_state_dict
         return consolidated_state_dict(path, model_state, ema=ema and meta["ema"])
+    if meta.get("tp_size", 1) > 1:  # per-TP-rank pieces: merged by the tensor-parallel layout
+        from mdtrain.parallel.tensor_parallel_state import load_consolidated as load_tp
+        return load_tp(os.path.join(path, "dcp"), model_state, ema, meta["tp_size"], meta["ema"])
     import torch.distributed.checkpoint as dcp
 
     state = {"model": {k: v.clone() for k, v in model_state.items()}}

@@ -127,6 +127,9 @@ class Config:
         if self.objective.name != "ar" and self.model.name == "causal":
             raise ConfigError(f"model.name=causal only fits objective.name=ar, got objective.name="
                               f"{self.objective.name}")
+        if self.parallel.tp != 1:
+            from mdtrain.parallel.tensor_parallel_layout import check_config
+            check_config(self)
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={self.train.micro_batch_size}")

@@ -47,8 +47,10 @@ def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp3
         idx = list(range(base, base + x0.shape[0]))
         mc = 1 if objective.causal else max(1, ecfg.mc_samples)
         for k in range(mc):
+            # keyed by the sample's position in the (unshuffled) validation stream and stratified within blocks of
+            # eval.batch_size, so the estimate does not depend on the number of data-parallel ranks
             noise = rng.keyed_noise(objective.noise_spec(x0.shape[1]), tuple(objective.stratified_keys), ecfg.seed, k,
-                                    idx, per_step, rng.STREAM_EVAL)
+                                    idx, ecfg.batch_size, rng.STREAM_EVAL)
             noise = {n: v.to(ctx.device) for n, v in noise.items()}
 
             def model_fn(x, cond=None, _attn=attn):
@@ -59,7 +61,7 @@ def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp3
             tokens += float(m["tokens"]) / mc
     if was_training:
         model.train()
-    tot = ctx.all_reduce_sum(torch.stack([nll_sum, tokens]).reshape(2))
+    tot = ctx.all_reduce_sum(torch.stack([nll_sum, tokens]).reshape(2), group=ctx.dp_group)
     return float(tot[0]), float(tot[1])
 
 

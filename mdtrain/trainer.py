@@ -177,7 +177,9 @@ class Trainer:
         cfg = self.cfg
         batches = [next(self.data_iter) for _ in range(self.accum)]
         local_tok = sum(float(valid_tokens(self.objective, b["attention_mask"])) for b in batches)
-        global_tok = float(self.ctx.all_reduce_sum(torch.tensor([local_tok], dtype=torch.float64))[0])
+        # over data-parallel ranks only: the tensor-parallel ranks of a DP rank hold copies of the same batch
+        global_tok = float(self.ctx.all_reduce_sum(torch.tensor([local_tok], dtype=torch.float64),
+                                                   group=self.ctx.dp_group)[0])
         self.engine.set_lr(lr_at(self.step, cfg.train.steps, cfg.optim))
         self.engine.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -211,7 +213,7 @@ class Trainer:
                     f"optim.lr, check the data, or raise train.max_nonfinite_steps")
         self.step += 1
         self.tokens += int(global_tok)
-        global_loss = self.ctx.all_reduce_sum(loss_sum.reshape(1).cpu())[0]
+        global_loss = self.ctx.all_reduce_sum(loss_sum.reshape(1).cpu(), group=self.ctx.dp_group)[0]
         return {"loss": float(global_loss), "grad_norm": float(grad_norm), "tokens_step": global_tok,
                 "finite": all_finite}
 
