@@ -13,11 +13,11 @@ from mdtrain.testing import run_distributed
 
 # dropout off, fp32: a TP run computes the same function; global batch 4 = 2 per DP rank (no accumulation) and
 # 2 x 2 accumulation in one process, which pairs every sample with the same keyed noise
-# the validation split is 8 sequences, evaluated whole in one step of 8 (8 x 1 rank here, 4 x 2 DP ranks in the
-# jobs): eval noise is stratified over that step, so the NELBO is comparable
+# the validation split is 8 sequences, evaluated in blocks of eval.batch_size=4 per rank (2 steps on 1 rank, 1 step on
+# 2 DP ranks): eval noise is keyed by stream position and stratified per block, so the NELBO does not depend on dp
 BASE = ["model.flavor=debug", "model.dropout=0.0", "data.train=synthetic:markov:valid_samples=8", "data.seq_len=32",
         "train.global_batch_size=4", "train.micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_steps=1",
-        "optim.grad_clip=0.5", "logging.every=1", "eval.batches=0", "eval.batch_size=8", "logging.progress_bar=false",
+        "optim.grad_clip=0.5", "logging.every=1", "eval.batches=0", "eval.batch_size=4", "logging.progress_bar=false",
         "train.steps=3", "checkpoint.every=2", "checkpoint.keep_last=0", "train.ema=0.9"]
 
 
@@ -56,7 +56,7 @@ def _job(rank, world, engine, tmp):
     (deepspeed: phase A's own; ddp: the single-process reference's, written at tp=1) for step 3."""
     import torch.distributed as dist
 
-    extra = [f"parallel.engine={engine}", "parallel.tp=2", "eval.batch_size=4"]
+    extra = [f"parallel.engine={engine}", "parallel.tp=2"]
     if engine == "deepspeed":
         extra.append("parallel.zero_stage=2")
     run_a, run_b = os.path.join(tmp, f"{engine}-a"), os.path.join(tmp, f"{engine}-b")
