@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # its own parser (argparse's REMAINDER cannot pass a leading --help through)
         from launch.slurm import main as launch_main
-        return int(launch_main(argv[1:]) or 0)
+        return _run("launch", launch_main, argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -121,13 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mdtrain {args.command}: not available in this build ({module}.{func} is missing: {e}). "
               f"This capability has not landed yet.", file=sys.stderr)
         return 3
+    return _run(args.command, fn, args)
+
+
+def _run(command: str, fn, args) -> int:
+    """Call a subcommand; user mistakes become one clear line and an exit code, not a traceback."""
     try:
         rc = fn(args)
     except ConfigError as e:
-        print(f"mdtrain {args.command}: config error: {e}", file=sys.stderr)
+        print(f"mdtrain {command}: config error: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, FileNotFoundError, DataError) as e:
-        print(f"mdtrain {args.command}: error: {e}", file=sys.stderr)
+        print(f"mdtrain {command}: error: {e}", file=sys.stderr)
         return 1
     return int(rc or 0)
 
