@@ -252,7 +252,8 @@ class Trainer:
                 self.evaluate()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
                 self.save()
-        self.save()
+        if self.resume_path is None or self.step > self._resumed_step:  # a finished run re-run only re-evaluates
+            self.save()
         self.evaluate()
         return "done"
 
@@ -302,6 +303,7 @@ class Trainer:
             return
         state = self.engine.load_checkpoint(path)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self._resumed_step = self.step
         self.skipped_total = int(state.get("skipped_total", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.wandb_id = state.get("wandb_id") or None

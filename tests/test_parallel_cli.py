@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from mdtrain.testing import OFFLINE_ENV, free_port
@@ -46,6 +47,20 @@ def train(nproc, run_dir, extra, steps=STEPS, timeout=300):
     return r
 
 
+def kill_tree(pid):
+    """SIGKILL torchrun and every worker: torchrun starts its workers in new sessions, so killing its process group
+    would leave them running to completion (and the 'resume' would race the survivors)."""
+    root = psutil.Process(pid)
+    procs = root.children(recursive=True) + [root]
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, f"processes survived SIGKILL: {alive}"
+
+
 def losses(run_dir):
     rows = {}
     for line in open(os.path.join(run_dir, "metrics.jsonl")):
@@ -76,14 +91,14 @@ def test_two_ranks_match_one_process_and_survive_sigkill(engine, reference, tmp_
     # SIGKILL the whole torchrun job once step 5 is logged (newest checkpoint: step 4), then run it again
     killed = str(tmp_path / "killed")
     p = subprocess.Popen(_cmd(2, [*BASE, *ENGINES[engine], f"train.steps={STEPS}", f"train.run_dir={killed}"]),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.time() + 240
     metrics = os.path.join(killed, "metrics.jsonl")
     while time.time() < deadline and p.poll() is None:
         if os.path.exists(metrics) and len(losses(killed)) >= 5:
             break
         time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
+    kill_tree(p.pid)
     p.wait()
     assert len(losses(killed)) < STEPS, "the kill came too late to test anything"
     train(2, killed, ENGINES[engine])
