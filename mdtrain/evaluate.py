@@ -33,6 +33,13 @@ def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp3
 
     ecfg = cfg.eval
     loader = build_loader(data_cfg, "valid", ecfg.batch_size, ctx.dp_rank, ctx.dp_size, seed=ecfg.seed, infinite=False)
+    tok = getattr(loader, "tokenizer", None)
+    if tok is not None and (tok.vocab_size != objective.vocab_size or tok.mask_id != objective.mask_id):
+        from mdtrain.data.errors import DataError
+        raise DataError(f"dataset '{data_cfg.valid or data_cfg.train}' was tokenized with vocab_size="
+                        f"{tok.vocab_size}, mask_id={tok.mask_id}; the model expects vocab_size={objective.vocab_size}, "
+                        f"mask_id={objective.mask_id}. Prepare it with the model's tokenizer (its run dir's "
+                        f"checkpoints hold it under tokenizer/)")
     was_training = model.training
     model.eval()
     nll_sum = torch.zeros((), dtype=torch.float64)

@@ -261,3 +261,19 @@ def test_async_checkpoints_are_published_complete_and_resume_exactly(tmp_path):
     mdtrain("train", *TINY, "train.steps=6", "checkpoint.every=2", "checkpoint.async_save=true", f"train.run_dir={asy}")
     a, b = train_rows(sync), train_rows(asy)
     assert [a[s]["loss"] for s in range(1, 7)] == [b[s]["loss"] for s in range(1, 7)]
+
+
+def test_zero_shot_sets_are_scored_like_a_validation_split_and_foreign_tokenizers_fail(tmp_path):
+    run = str(tmp_path / "run")
+    mdtrain("train", *TINY, "train.steps=2", f"train.run_dir={run}")
+    other = "synthetic:markov:seed=7"
+    zs = json.loads(mdtrain("eval", run, "eval.batches=2", f"eval.extra=[{other}]").stdout.strip().splitlines()[-1])
+    direct = json.loads(mdtrain("eval", run, "eval.batches=2", f"data.valid={other}").stdout.strip().splitlines()[-1])
+    assert zs["zero_shot"][other]["nll"] == direct["nll"] and zs["zero_shot"][other]["tokens"] == direct["tokens"]
+    # a dataset tokenized differently (bytes: 259 ids) cannot be scored by this model
+    src = tmp_path / "doc.txt"
+    src.write_text("some text for a byte-level dataset\n" * 50)
+    mdtrain("prepare", "--input", str(src), "--tokenizer", "bytes", "--seq-len", "32", "--val-fraction", "1",
+            "--out", str(tmp_path / "bytes"))
+    r = mdtrain("eval", run, f"eval.extra=[{tmp_path / 'bytes'}]", check=False)
+    assert r.returncode == 1 and "tokenized with vocab_size" in r.stderr
