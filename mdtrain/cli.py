@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "help_config", False):
         from mdtrain.config import Config
         from mdtrain.configtools import describe
+        if args.command == "sweep":
+            from mdtrain.sweep.config import SweepFile as Config  # the training tree plus the sweep: section
         print(describe(Config))
         return 0
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):

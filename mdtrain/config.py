@@ -135,7 +135,7 @@ class Config:
                               f"train.micro_batch_size={self.train.micro_batch_size}")
 
 
-def _read_yaml(path: str, seen: tuple = ()) -> dict:
+def read_yaml(path: str, seen: tuple = ()) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"config file '{path}' does not exist")
     if os.path.abspath(path) in seen:
@@ -150,7 +150,7 @@ def _read_yaml(path: str, seen: tuple = ()) -> dict:
     base = data.pop("base", None)
     if base:
         base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
-        data = _merge(_read_yaml(base_path, seen + (os.path.abspath(path),)), data)
+        data = _merge(read_yaml(base_path, seen + (os.path.abspath(path),)), data)
     return data
 
 
@@ -163,7 +163,7 @@ def _merge(a: dict, b: dict) -> dict:
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, validate: bool = True) -> Config:
     """Defaults <- YAML file (with its bases) <- ``key=value`` overrides; every key checked before any work."""
-    data = _read_yaml(path) if path else {}
+    data = read_yaml(path) if path else {}
     try:
         cfg = from_dict(Config, data)
     except ConfigError as e:

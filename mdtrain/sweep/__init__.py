@@ -6,6 +6,8 @@ and the report (markdown tables, PNG plots, CSV).
     an.multipliers[0].value                         # e.g. MDLM's compute multiplier vs AR at equal loss
 
 The fitting functions take plain arrays and never need the trainer; ``analyze(rows)`` runs them all.
+Running a grid (``mdtrain sweep SWEEP.yaml plan|run|collect|fit``) lives in ``run.py`` (cells: ``plan.py``, the
+``sweep:`` section: ``config.py``) and is imported only when called, so the analysis stays light.
 """
 from mdtrain.sweep.analysis import (PARAM_CONVENTIONS, ROW_FIELDS, SweepAnalysis, analyze, clean_rows,
                                     load_rows)
@@ -14,8 +16,16 @@ from mdtrain.sweep.fit import (FrontierFit, IsoFlopFit, Multiplier, PowerLawFit,
 from mdtrain.sweep.parametric import ParametricFit, fit_parametric
 from mdtrain.sweep.report import write_report
 
+
+
+def main(args) -> int:
+    """``mdtrain sweep`` (see ``mdtrain.sweep.run``)."""
+    from mdtrain.sweep.run import main as run_main
+    return run_main(args)
+
+
 __all__ = [
     "ROW_FIELDS", "PARAM_CONVENTIONS", "SweepAnalysis", "analyze", "clean_rows", "load_rows", "write_report",
     "IsoFlopFit", "fit_isoflop", "PowerLawFit", "fit_power_law", "FrontierFit", "fit_loss_vs_compute",
-    "Multiplier", "compute_multiplier", "ParametricFit", "fit_parametric",
+    "Multiplier", "compute_multiplier", "ParametricFit", "fit_parametric", "main",
 ]

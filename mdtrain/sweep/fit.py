@@ -363,6 +363,12 @@ def compute_multiplier(obj: FrontierFit, ref: FrontierFit, *, n_levels: int = 5)
             m.status = "no_frontier"
             m.message = f"no frontier fit for {f.objective or '?'}: {f.message}"
             return m
+    for f in (obj, ref):
+        if not f.gamma > 0:  # a flat or rising frontier has no inverse C(L): any "multiplier" would be noise
+            m.status = "not_decreasing"
+            m.message = (f"the {f.objective or '?'} frontier does not fall with compute (γ = {f.gamma:.3g}), so no "
+                         "compute reaches a given loss; widen the budgets or center the size grid")
+            return m
     lo, hi = max(obj.l_min, ref.l_min), min(obj.l_max, ref.l_max)
     if lo > hi:
         m.extrapolated = True
