@@ -55,7 +55,7 @@ class Built:
     flops_per_token: float
 
 
-def build(cfg: Config, ctx, tokenizer, seq_len: int, init_state: Optional[dict] = None) -> Built:
+def build(cfg: Config, ctx, tokenizer, seq_len: int, accum: int, init_state: Optional[dict] = None) -> Built:
     """Objective -> model (initial weights, TP, AC, compile) -> engine (DDP / FSDP / ZeRO), on a ready process group."""
     from mdtrain.models import build_model
     from mdtrain.models.flavors import flops_per_token
@@ -69,7 +69,6 @@ def build(cfg: Config, ctx, tokenizer, seq_len: int, init_state: Optional[dict] 
         model.load_state_dict(init_state)
     fpt = flops_per_token(cfg.model, tokenizer.vocab_size, seq_len, causal=objective.causal)
     model = _apply_parallelisms(model, cfg, ctx)
-    accum = _grad_accum(cfg, ctx)
     engine = build_engine(cfg.parallel, model, lambda m: make_adamw(m, cfg.optim), ctx,
                           precision=_precision(cfg, ctx), grad_accum=accum, micro_batch_size=cfg.train.micro_batch_size)
     if cfg.train.ema > 0:
@@ -127,7 +126,7 @@ class Trainer:
         init_state = None
         if self.resume_path is None and cfg.checkpoint.load_from:
             init_state = load_for_inference(cfg.checkpoint.load_from, use_ema=True).model.state_dict()
-        self.b = build(cfg, self.ctx, self.loader.tokenizer, self.loader.seq_len, init_state)
+        self.b = build(cfg, self.ctx, self.loader.tokenizer, self.loader.seq_len, self.accum, init_state)
         self.engine, self.objective = self.b.engine, self.b.objective
         self.device = self.ctx.device
         self.step = 0
@@ -239,14 +238,12 @@ class Trainer:
             if self.step % cfg.logging.every == 0 or self.step == cfg.train.steps or not out["finite"]:
                 dt = max(time.time() - t_last, 1e-9)
                 tps = tok_last / dt
-                seqs_tokens = cfg.train.global_batch_size * self.b.seq_len
                 mfu = (self.b.flops_per_token * tps / self.ctx.world_size / self.peak) if self.peak else None
                 self.metrics.log_train({"step": self.step, "loss": out["loss"], "tokens": self.tokens,
                                         "lr": lr_at(self.step - 1, cfg.train.steps, cfg.optim),
                                         "grad_norm": out["grad_norm"], "tokens_per_s": tps, "mfu": mfu,
                                         "memory_gib": memory_gib(self.device), "skipped": self.skipped_total,
-                                        "skipped_samples": getattr(self.loader, "skipped_samples", 0),
-                                        "seq_tokens_per_step": seqs_tokens})
+                                        "skipped_samples": getattr(self.loader, "skipped_samples", 0)})
                 t_last, tok_last = time.time(), 0
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 self.evaluate()
@@ -342,7 +339,6 @@ def _warn_config_changes(run_dir: str, cfg: Config) -> None:
 
 def load_for_inference(path: str, use_ema: bool = True, overrides: Optional[list[str]] = None):
     """A run dir, checkpoint dir or export dir -> ``mdtrain.exported.Bundle`` on one process (EMA weights if any)."""
-    from mdtrain.config import load_config  # noqa: F401  (keeps the import graph explicit)
     from mdtrain.configtools import set_dotted, parse_overrides
     from mdtrain.data.tokenizers import load_tokenizer
     from mdtrain.exported import Bundle, is_export_dir, load_exported
