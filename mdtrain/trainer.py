@@ -58,7 +58,7 @@ class Built:
 def build(cfg: Config, ctx, tokenizer, seq_len: int, accum: int, init_state: Optional[dict] = None) -> Built:
     """Objective -> model (initial weights, TP, AC, compile) -> engine (DDP / FSDP / ZeRO), on a ready process group."""
     from mdtrain.models import build_model
-    from mdtrain.models.flavors import flops_per_token
+    from mdtrain.models.flops import flops_per_token
     from mdtrain.objectives import build_objective
     from mdtrain.parallel import build_engine
 

@@ -90,7 +90,3 @@ def resolve(cfg) -> ModelDims:
     return ModelDims(name=cfg.name, variant=variant, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
                      cond_dim=cond_dim, dropout=cfg.dropout, attention=cfg.attention,
                      mamba_backend=cfg.mamba_backend, mamba_d_state=cfg.mamba_d_state)
-
-
-# counting lives next to the module walk it needs; re-exported so flavors, counts and FLOPs come from one place
-from mdtrain.models.flops import count_params, flops_per_token  # noqa: E402,F401

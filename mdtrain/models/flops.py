@@ -17,9 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mdtrain.models.mamba import SSMDirection
+from mdtrain.models.registry import build_model
+from mdtrain.models.transformer import SelfAttention
+
 
 def _meta_model(cfg, vocab_size: int, seq_len: int = 1024) -> nn.Module:
-    from mdtrain.models import build_model
     with torch.device("meta"):
         return build_model(cfg, vocab_size, seq_len)
 
@@ -54,8 +57,6 @@ def flops_per_token(cfg, vocab_size: int, seq_len: int, causal: bool | None = No
 
     ``causal`` (default: whether cfg.name is ``causal``) only changes the exact attention count.
     """
-    from mdtrain.models.mamba import SSMDirection
-    from mdtrain.models.transformer import SelfAttention
     causal = cfg.name == "causal" if causal is None else causal
     model = _meta_model(cfg, vocab_size, seq_len)
     t = float(seq_len)

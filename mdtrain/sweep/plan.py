@@ -89,7 +89,7 @@ def model_counts(model_cfg, vocab_size: int, seq_len: int) -> dict:
     """Parameter counts and FLOPs per token of a model config, from the module tree the trainer would build."""
     import torch
     from mdtrain.models import build_model
-    from mdtrain.models.flavors import count_params, flops_per_token
+    from mdtrain.models.flops import count_params, flops_per_token
     with torch.device("meta"):
         model = build_model(model_cfg, vocab_size, seq_len)
     counts = count_params(model)
