@@ -18,7 +18,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mdtrain", "mdtrain.*", "launch", "launch.*"]),
+    packages=find_packages(include=["mdtrain", "mdtrain.*"]),
     include_package_data=True,
     install_requires=_reqs("requirements.txt"),
     extras_require={

@@ -4,8 +4,6 @@ Layout: ``RUN_DIR/checkpoints/step_XXXXXXXX/`` holds whatever the engine writes 
 per-rank client state), plus ``config.yaml``, ``tokenizer/`` and ``manifest.json`` (every file's size and sha256).
 A checkpoint is written into ``step_XXXXXXXX.tmp``, fsynced, and renamed; a directory without a manifest, or whose
 files do not match it, is never loaded: the previous valid one is used with a warning.
-
-Also ``export``: consolidated safetensors + config + tokenizer, loadable with ``mdtrain.exported.load_exported``.
 """
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ import os
 import re
 import shutil
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from mdtrain.configtools import atomic_write_text
 from mdtrain.data.shards import file_sha256
@@ -121,21 +119,59 @@ def resolve_checkpoint(path: str) -> str:
                             f"with a manifest.json)")
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+CLIENT_FORMAT = 2  # client state = {"format": 2, name: state_dict of each registered object}
+
+
 class CheckpointManager:
-    """Saves through the engine into a temporary directory, then publishes it atomically (rank 0 renames)."""
+    """Saves through the engine into a temporary directory, then publishes it atomically (rank 0 renames).
+
+    The engine writes the model, optimizer and EMA; everything else a run must resume (its progress, the data
+    position, the random streams) is a :class:`Stateful` object registered by name, saved in each rank's client
+    state and restored by :meth:`load`."""
 
     def __init__(self, root: str, keep_last: int, ctx):
         self.root = root
         self.keep_last = keep_last
         self.ctx = ctx
+        self._stateful: dict[str, Stateful] = {}
         self._pending: Optional[tuple] = None  # (tmp, final, step, extra_files, wait) of an asynchronous save
 
-    def save(self, step: int, write: Callable[[str], None], extra_files: Callable[[str], None] = None,
-             wait: Optional[Callable[[], None]] = None) -> str:
-        """Write checkpoint ``step`` through ``write(tmp_dir)`` on every rank and publish it.
+    def register(self, name: str, obj: Stateful) -> None:
+        """Save ``obj.state_dict()`` with every checkpoint and restore it with ``obj.load_state_dict`` on load."""
+        if name in self._stateful or name == "format":
+            raise ValueError(f"checkpoint state '{name}' is already registered")
+        self._stateful[name] = obj
 
-        With ``wait`` (an asynchronous engine save), publishing is deferred to the next ``save`` or ``finish``:
-        ``wait()`` blocks until the background write is done, then the manifest is written and the directory renamed.
+    def client_state(self) -> dict:
+        return {"format": CLIENT_FORMAT, **{name: obj.state_dict() for name, obj in self._stateful.items()}}
+
+    def load(self, path: str, engine, upgrade: Optional[Callable[[dict], dict]] = None) -> None:
+        """Restore the engine's state and every registered object from the checkpoint ``path``.
+
+        ``upgrade`` turns a client state written before format 2 (one flat dict) into the current layout."""
+        client = engine.load_checkpoint(path)
+        if client.get("format") != CLIENT_FORMAT:
+            if upgrade is None:
+                raise ValueError(f"checkpoint {path}: client state format {client.get('format')} is not "
+                                 f"{CLIENT_FORMAT}, and no upgrade was given")
+            client = upgrade(client)
+        missing = [name for name in self._stateful if name not in client]
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks the state of {missing} (it was written by another program?)")
+        for name, obj in self._stateful.items():
+            obj.load_state_dict(client[name])
+
+    def save(self, step: int, engine, extra_files: Callable[[str], None] = None, async_save: bool = False) -> str:
+        """Write checkpoint ``step`` (the engine's state and every registered object's) on every rank and publish it.
+
+        With ``async_save`` (an engine that writes in the background), publishing is deferred to the next ``save``
+        or ``finish``: the engine's write is waited for, then the manifest is written and the directory renamed.
         A run killed before that leaves only ``step_X.tmp``, which is never loaded."""
         self.finish()
         final = os.path.join(self.root, step_dir_name(step))
@@ -146,9 +182,9 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             os.makedirs(tmp)
         self.ctx.barrier()
-        write(tmp)  # every rank writes its shards
-        self._pending = (tmp, final, step, extra_files, wait)
-        if wait is None:
+        engine.save_checkpoint(tmp, self.client_state(), async_save)  # every rank writes its shards
+        self._pending = (tmp, final, step, extra_files, engine.wait_checkpoint if async_save else None)
+        if not async_save:
             self.finish()
         return final
 
@@ -187,56 +223,3 @@ class CheckpointManager:
         code = torch.tensor([int(os.path.basename(path)[5:]) + 1 if path else 0], dtype=torch.float64)
         step = int(self.ctx.all_reduce_sum(code)[0]) - 1  # 0 from the other ranks; -1 means none
         return os.path.join(self.root, step_dir_name(step)) if step >= 0 else None
-
-
-# ----------------------------------------------------------------------------------------------------
-# export
-
-
-def export(path: str, out_dir: str, use_ema: bool = True) -> str:
-    """Consolidate a checkpoint (from any engine, any world size) into ``out_dir`` on one process."""
-    from mdtrain.exported import save_exported
-    from mdtrain.trainer import load_for_inference
-
-    bundle = load_for_inference(path, use_ema=use_ema)
-    save_exported(out_dir, bundle.model.state_dict(), bundle.cfg, bundle.tokenizer)
-    return out_dir
-
-
-def export_main(args) -> int:
-    out = export(args.path, args.out, use_ema=not args.no_ema)
-    print(json.dumps({"export": os.path.abspath(out)}))
-    return 0
-
-
-def load_consolidated(path: str, model_state: dict, ema: bool) -> dict:
-    """Full fp32 weights (EMA if ``ema`` and present) from a checkpoint of any engine, in one process.
-
-    ``model_state`` is a state dict of the single-device model (it gives names, shapes and dtypes). DCP checkpoints
-    (ddp/fsdp, any world size) are read without a process group; ZeRO checkpoints are converted by the engine.
-    """
-    from mdtrain.parallel.engines.base import read_meta
-
-    meta = read_meta(path)
-    if meta["engine"] == "deepspeed":
-        from mdtrain.parallel.engines.zero import consolidated_state_dict
-        return consolidated_state_dict(path, model_state, ema=ema and meta["ema"])
-    if meta.get("tp_size", 1) > 1:  # per-TP-rank pieces: merged by the tensor-parallel layout
-        from mdtrain.parallel.tensor_parallel_state import load_consolidated as load_tp
-        return load_tp(os.path.join(path, "dcp"), model_state, ema, meta["tp_size"], meta["ema"])
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": {k: v.clone() for k, v in model_state.items()}}
-    if ema and meta["ema"]:
-        import torch.distributed.checkpoint.metadata as _  # noqa: F401
-        reader = dcp.FileSystemReader(os.path.join(path, "dcp"))
-        stored = reader.read_metadata().state_dict_metadata
-        # the EMA covers trainable parameters (fp32 shadows); buffers come from the model
-        state["ema"] = {k: v.detach().float().clone() for k, v in model_state.items() if f"ema.{k}" in stored}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
-    out = state["model"]
-    for k, v in state.get("ema", {}).items():
-        out[k] = v.to(out[k].dtype)
-    return out

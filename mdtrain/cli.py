@@ -5,18 +5,18 @@ import argparse
 import importlib
 import sys
 
-from mdtrain.configtools import ConfigError
-from mdtrain.data.errors import DataError
+from mdtrain.errors import USER_ERRORS, exit_status, one_line
 
-# subcommand -> (module, function, one-line help). The function takes the parsed argparse namespace.
+# subcommand -> (module, function, one-line help). The function takes the parsed argparse namespace; modules are
+# imported only for the subcommand that runs (torch, deepspeed and megatron take seconds to import).
 COMMANDS = {
     "prepare": ("mdtrain.data.prepare", "main", "tokenize text/JSONL/Parquet into packed webdataset shards"),
-    "train": ("mdtrain.trainer", "main", "train from a YAML config plus key=value overrides (resumes a run dir)"),
-    "eval": ("mdtrain.evaluate", "main", "NELBO / perplexity of a run dir or checkpoint; last stdout line is JSON"),
+    "train": ("mdtrain.cli", "train", "train from a YAML config plus key=value overrides (resumes a run dir)"),
+    "eval": ("mdtrain.eval_cli", "main", "NELBO / perplexity of a run dir or checkpoint; last stdout line is JSON"),
     "sample": ("mdtrain.sampling_cli", "main", "generate text with any sampler from a run dir or checkpoint"),
-    "export": ("mdtrain.checkpoint", "export_main", "write consolidated safetensors + config + tokenizer"),
+    "export": ("mdtrain.inference", "export_main", "write consolidated safetensors + config + tokenizer"),
     "sweep": ("mdtrain.sweep", "main", "scaling-law grid: plan / run / submit / collect / fit"),
-    "launch": ("launch.slurm", "main", "submit `mdtrain train` to SLURM through submitit (or run it locally)"),
+    "launch": ("mdtrain.launch.slurm", "main", "submit `mdtrain train` to SLURM through submitit (or run it locally)"),
 }
 
 
@@ -83,7 +83,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # its own parser (argparse's REMAINDER cannot pass a leading --help through)
-        from launch.slurm import main as launch_main
+        from mdtrain.launch.slurm import main as launch_main
         return _run("launch", launch_main, argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -100,42 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # `mdtrain train key=value ...` with no YAML file
         args.config = None
-    if args.command == "train":
-        # Validate the whole config before importing anything heavy or doing any work.
-        from mdtrain.config import load_config
-        from mdtrain.configtools import dump_yaml
-        try:
-            args.cfg = load_config(args.config, args.overrides)
-        except ConfigError as e:
-            print(f"mdtrain train: config error: {e}", file=sys.stderr)
-            return 2
-        if args.print_config:
-            print(dump_yaml(args.cfg), end="")
-            return 0
     module, func, _ = COMMANDS[args.command]
-    try:
-        mod = importlib.import_module(module)
-        fn = getattr(mod, func)
-    except (ModuleNotFoundError, AttributeError) as e:
-        missing = getattr(e, "name", "") or ""
-        if missing and not missing.startswith(("mdtrain", "launch")) and "mdtrain" not in str(e):
-            raise
-        print(f"mdtrain {args.command}: not available in this build ({module}.{func} is missing: {e}). "
-              f"This capability has not landed yet.", file=sys.stderr)
-        return 3
-    return _run(args.command, fn, args)
+    return _run(args.command, getattr(importlib.import_module(module), func), args)
+
+
+def train(args) -> int:
+    """``mdtrain train``: the whole config is loaded and checked before anything heavy is imported or any work done."""
+    from mdtrain.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        from mdtrain.configtools import dump_yaml
+        print(dump_yaml(cfg), end="")
+        return 0
+    from mdtrain.trainer import run
+    return run(cfg)
 
 
 def _run(command: str, fn, args) -> int:
     """Call a subcommand; user mistakes become one clear line and an exit code, not a traceback."""
     try:
         rc = fn(args)
-    except ConfigError as e:
-        print(f"mdtrain {command}: config error: {e}", file=sys.stderr)
-        return 2
-    except (FloatingPointError, FileNotFoundError, DataError) as e:
-        print(f"mdtrain {command}: error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:
+        print(one_line(command, e), file=sys.stderr)
+        return exit_status(e)
     return int(rc or 0)
 
 

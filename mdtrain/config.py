@@ -12,11 +12,11 @@ from typing import Optional
 import yaml
 
 from mdtrain.configtools import (ConfigError, atomic_write_text, doc, dump_yaml, from_dict, parse_overrides,
-                                 section, set_dotted, to_dict, validate_tree)
+                                 section, set_dotted, validate_tree)
 from mdtrain.data.config import DataConfig
 from mdtrain.models.config import ModelConfig
 from mdtrain.objectives.config import ObjectiveConfig, SampleConfig
-from launch.config import LaunchConfig
+from mdtrain.launch.config import LaunchConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config"]
 
@@ -28,8 +28,9 @@ class OptimConfig:
     eps: float = doc(1e-8, "AdamW epsilon")
     weight_decay: float = doc(0.0, "AdamW weight decay (MDLM: 0; MD4: 0.03)")
     no_decay: list[str] = doc(["1d", "embed"],
-                              "exempt from weight decay: parameter-name substrings, and '1d' for every 1-D parameter "
-                              "(biases, norm scales); [] decays everything (MD4)")
+                              "exempt from weight decay: '1d' for every 1-D parameter (biases, norm scales), and "
+                              "parameter-name components ('embed' = embed.weight, not time_embed.*); [] decays "
+                              "everything (MD4)")
     grad_clip: float = doc(1.0, "max global grad norm; 0 disables clipping")
     schedule: str = doc("constant_warmup", "LR schedule: constant_warmup (MDLM), cosine (MD4, to zero), wsd",
                         choices=("constant_warmup", "cosine", "wsd"))
@@ -61,7 +62,8 @@ class TrainConfig:
     activation_checkpointing: bool = doc(False, "recompute each block's activations in backward")
     deterministic: bool = doc(False, "deterministic algorithms, for bit-exact comparisons")
     max_nonfinite_steps: int = doc(10, "stop after this many NaN/inf losses in a row (each such step is skipped)")
-    device: str = doc("auto", "auto (cuda if available), cpu, cuda")
+    device: str = doc("auto", "auto (cuda:LOCAL_RANK if CUDA is available, else the CPU), cpu (also on a GPU "
+                              "machine), cuda", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass
@@ -182,7 +184,3 @@ def save_config(cfg: Config, path: str) -> None:
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from a checkpoint's stored dict (same validation as a YAML file)."""
     return from_dict(Config, data)
-
-
-def as_dict(cfg: Config) -> dict:
-    return to_dict(cfg)

@@ -3,13 +3,12 @@ generative perplexity of samples under an AR model.
 
 The Monte Carlo noise of an evaluation is keyed by (eval seed, MC index, global sequence index), so the same
 checkpoint gives the same number on any number of ranks, and two checkpoints are compared on identical noise.
-``mdtrain eval`` prints the result as one JSON object on the last line of stdout.
+The ``mdtrain eval`` command is ``mdtrain/eval_cli.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from collections import Counter
 from typing import Optional
@@ -18,6 +17,7 @@ import torch
 
 from mdtrain import rng
 from mdtrain.metrics import eval_row
+from mdtrain.objectives.protocol import make_model_fn
 
 
 def _autocast(device: torch.device, precision: str):
@@ -60,10 +60,8 @@ def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp3
                                     idx, ecfg.batch_size, rng.STREAM_EVAL)
             noise = {n: v.to(ctx.device) for n, v in noise.items()}
 
-            def model_fn(x, cond=None, _attn=attn):
-                return model(x, cond, _attn[:, : x.shape[1]])
             with _autocast(ctx.device, precision):
-                _, m = objective.loss(model_fn, x0, attn, noise=noise)
+                _, m = objective.loss(make_model_fn(model, attn), x0, attn, noise=noise)
             nll_sum += float(m["nll_sum"]) / mc
             tokens += float(m["tokens"]) / mc
     if was_training:
@@ -72,17 +70,16 @@ def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp3
     return float(tot[0]), float(tot[1])
 
 
-def evaluate_splits(cfg, built, step: int, model=None) -> list[dict]:
-    """The validation split, then every zero-shot set in ``eval.extra``; one eval row each."""
-    model = model if model is not None else built.engine.model
-    bound = "exact" if built.objective.causal else "upper"
-    precision = "bf16" if (cfg.train.precision in ("auto", "bf16") and built.ctx.device.type == "cuda") else "fp32"
+def evaluate_splits(cfg, model, objective, ctx, step: Optional[int]) -> list[dict]:
+    """The validation split, then every zero-shot set in ``eval.extra``; one eval row each (all ranks together)."""
+    bound = "exact" if objective.causal else "upper"
+    precision = "bf16" if (cfg.train.precision in ("auto", "bf16") and ctx.device.type == "cuda") else "fp32"
     sets = [("valid", cfg.data)]
     for path in cfg.eval.extra:
         sets.append((path.rstrip("/").split("/")[-1], dataclasses.replace(cfg.data, train=path, valid=path)))
     rows = []
     for name, dcfg in sets:
-        nll_sum, tokens = evaluate_dataset(cfg, dcfg, model, built.objective, built.ctx, precision)
+        nll_sum, tokens = evaluate_dataset(cfg, dcfg, model, objective, ctx, precision)
         rows.append(eval_row(step, name, nll_sum, tokens, bound))
     return rows
 
@@ -102,14 +99,12 @@ def unigram_entropy(seqs: list[list[int]]) -> float:
 
 
 @torch.no_grad()
-def generative_perplexity(texts: list[str], scorer_path: str, batch_size: int = 8) -> dict:
-    """Perplexity of ``texts`` under an AR model (an mdtrain AR run, checkpoint or export), token-weighted."""
-    from mdtrain.trainer import load_for_inference
-
-    scorer = load_for_inference(scorer_path)
+def generative_perplexity(texts: list[str], scorer, batch_size: int = 8) -> dict:
+    """Perplexity of ``texts`` under an AR model (``scorer``: a loaded AR bundle: model, objective, tokenizer, cfg),
+    token-weighted."""
     if not scorer.objective.causal:
-        raise ValueError(f"eval.gen_ppl_model='{scorer_path}' is a '{scorer.objective.name}' model; generative "
-                         f"perplexity needs an AR (objective.name=ar) checkpoint or export")
+        raise ValueError(f"the generative-perplexity scorer is a '{scorer.objective.name}' model; it needs an AR "
+                         f"(objective.name=ar) checkpoint or export")
     tok, L = scorer.tokenizer, scorer.cfg.data.seq_len
     seqs = []
     for t in texts:
@@ -124,50 +119,7 @@ def generative_perplexity(texts: list[str], scorer_path: str, batch_size: int = 
         for j, s in enumerate(chunk):
             x[j, :len(s)] = torch.tensor(s)
             attn[j, :len(s)] = 1
-        _, m = scorer.objective.loss(lambda a, c=None, _m=attn: scorer.model(a, c, _m[:, :a.shape[1]]), x, attn)
+        _, m = scorer.objective.loss(make_model_fn(scorer.model, attn), x, attn)
         nll += float(m["nll_sum"])
         n += float(m["tokens"])
     return {"gen_nll": nll / max(n, 1), "gen_ppl": math.exp(min(nll / max(n, 1), 700)), "gen_tokens": int(n)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# `mdtrain eval`
-
-
-def main(args) -> int:
-    from mdtrain.parallel.dist import init_distributed
-    from mdtrain.trainer import Built, load_for_inference
-
-    bundle = load_for_inference(args.path, use_ema=True, overrides=args.overrides)
-    cfg = bundle.cfg
-    ctx = init_distributed(cfg.parallel.backend, 1)
-    model = bundle.model.to(ctx.device)
-    built = Built(cfg, ctx, bundle.tokenizer, bundle.objective, None, cfg.data.seq_len, 0.0)
-    rows = evaluate_splits(cfg, built, step=_step_of(args.path), model=model)
-    result = dict(rows[0])
-    if len(rows) > 1:
-        result["zero_shot"] = {r["split"]: r for r in rows[1:]}
-    if cfg.eval.gen_ppl_model and not bundle.objective.causal:
-        gen = torch.Generator().manual_seed(cfg.sample.seed)
-        from mdtrain.objectives.samplers import sample
-        from mdtrain.exported import make_model_fn
-        tokens, _ = sample(bundle.objective, make_model_fn(model), cfg.sample.num_samples, cfg.data.seq_len,
-                           cfg.sample.steps, gen, sampler=cfg.sample.sampler)
-        seqs = tokens.tolist()
-        result.update(generative_perplexity([bundle.tokenizer.decode(s) for s in seqs], cfg.eval.gen_ppl_model))
-        result["sample_unigram_entropy"] = unigram_entropy(seqs)
-    if ctx.is_main:
-        for r in rows:
-            bound = "<= " if r["bound"] == "upper" else ""
-            print(f"{r['split']}: nll {r['nll']:.4f} nats/token, ppl {bound}{r['ppl']:.3f}", flush=True)
-        print(json.dumps(result), flush=True)
-    return 0
-
-
-def _step_of(path: str) -> Optional[int]:
-    from mdtrain.checkpoint import resolve_checkpoint
-    from mdtrain.exported import is_export_dir
-    if is_export_dir(path):
-        return None
-    with open(resolve_checkpoint(path) + "/manifest.json") as fh:
-        return json.load(fh)["step"]

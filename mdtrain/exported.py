@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mdtrain.configtools import atomic_write_text, dump_yaml
+from mdtrain.objectives.protocol import make_model_fn
 
 
 @dataclass
@@ -40,17 +41,6 @@ class Bundle:
         gen = torch.Generator().manual_seed(seed)
         return sample(self.objective, make_model_fn(self.model), num_samples, self.cfg.data.seq_len,
                       steps or scfg.steps, gen, sampler=options.pop("sampler", scfg.sampler), **options)
-
-
-def make_model_fn(model: torch.nn.Module):
-    """The ``model_fn(x, cond)`` the objectives and samplers call; forwards the KV-cache protocol when present."""
-    def model_fn(x, cond=None, attention_mask=None):
-        return model(x, cond, attention_mask)
-
-    if hasattr(model, "decode_step"):
-        model_fn.decode_step = model.decode_step
-    model_fn.device = next(model.parameters()).device  # samplers put their tokens here
-    return model_fn
 
 
 def save_exported(out_dir: str, state_dict: dict, cfg, tokenizer) -> None:
@@ -73,17 +63,14 @@ def is_export_dir(path: str) -> bool:
 def load_exported(path: str, device: str = "cpu") -> Bundle:
     from mdtrain.config import config_from_dict
     from mdtrain.data.tokenizers import load_tokenizer
-    from mdtrain.models import build_model
-    from mdtrain.objectives import build_objective
+    from mdtrain.modeling import build_objective_and_model
 
     if not is_export_dir(path):
         raise FileNotFoundError(f"'{path}' is not an mdtrain export (expected model.safetensors and config.yaml)")
     with open(os.path.join(path, "config.yaml")) as fh:
         cfg = config_from_dict(yaml.safe_load(fh))
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
-    from mdtrain.trainer import attach_objective
-    objective = build_objective(cfg.objective, tokenizer.vocab_size, tokenizer.mask_id)
-    model = attach_objective(build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len), objective)
+    model, objective = build_objective_and_model(cfg, tokenizer.vocab_size, tokenizer.mask_id, cfg.data.seq_len)
     missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{path}/model.safetensors does not match model '{cfg.model.name}' "

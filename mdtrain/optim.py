@@ -12,15 +12,22 @@ from torch import nn
 from mdtrain.configtools import ConfigError
 
 
+def matches_components(name: str, pattern: str) -> bool:
+    """Whether ``pattern`` is a run of whole dotted components of the parameter ``name``: 'embed' matches
+    'embed.weight' and 'blocks.0.embed.bias', not 'time_embed.mlp.0.weight'; 'blocks.0' matches 'blocks.0.x'."""
+    return f".{pattern}." in f".{name}."
+
+
 def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
-    """Two groups: decayed, and exempt ('1d' in ``no_decay``: every 1-D param; other entries: name substrings)."""
+    """Two groups: decayed, and exempt ('1d' in ``no_decay``: every 1-D param; other entries: whole dotted name
+    components, see :func:`matches_components`)."""
     decay, skip = [], []
     exempt_1d = "1d" in no_decay
     names = [s for s in no_decay if s and s != "1d"]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = (exempt_1d and p.ndim < 2) or any(s in name for s in names)
+        exempt = (exempt_1d and p.ndim < 2) or any(matches_components(name, s) for s in names)
         (skip if exempt else decay).append(p)
     groups = []
     if decay:

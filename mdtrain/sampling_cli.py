@@ -13,6 +13,10 @@ import time
 
 import torch
 
+from mdtrain.inference import load_for_inference
+from mdtrain.objectives.protocol import make_model_fn
+from mdtrain.objectives.samplers import sample
+
 # SampleConfig fields the CLI consumes itself; every other field is passed to the sampler as an option.
 _CLI_FIELDS = {"sampler", "steps", "num_samples", "batch_size", "seed", "out", "prefix", "show"}
 
@@ -36,11 +40,7 @@ def _template(bundle, prefix: str, batch: int, seq_len: int):
 
 
 def main(args) -> int:
-    from mdtrain.exported import make_model_fn
-    from mdtrain.objectives.samplers import sample
-    from mdtrain.trainer import load_for_inference
-
-    bundle = load_for_inference(args.path, use_ema=True, overrides=args.overrides)
+    bundle = load_for_inference(args.path, overrides=args.overrides)
     cfg, scfg = bundle.cfg, bundle.cfg.sample
     model_fn = make_model_fn(bundle.model)
     gen = torch.Generator().manual_seed(scfg.seed)
@@ -49,7 +49,7 @@ def main(args) -> int:
     while remaining > 0:
         b = min(scfg.batch_size, remaining)
         opts = sampler_options(scfg)
-        template = _template(bundle, getattr(scfg, "prefix", ""), b, cfg.data.seq_len)
+        template = _template(bundle, scfg.prefix, b, cfg.data.seq_len)
         if template is not None:
             opts["prefix"] = template
         with torch.no_grad():
@@ -60,12 +60,12 @@ def main(args) -> int:
         remaining -= b
     seconds = time.time() - t0
     texts = [bundle.tokenizer.decode(s) for s in seqs]
-    out = getattr(scfg, "out", "") or _default_out(args.path)
+    out = scfg.out or _default_out(args.path)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
         for s, t in zip(seqs, texts):
             fh.write(json.dumps({"text": t, "ids": s}) + "\n")
-    for i, t in enumerate(texts[: max(0, getattr(scfg, "show", len(texts)))]):
+    for i, t in enumerate(texts[: max(0, scfg.show)]):
         print(f"--- sample {i} ---\n{t}")
     print(json.dumps({"num_samples": len(seqs), "sampler": scfg.sampler, "steps": scfg.steps, "nfe": nfe,
                       "seconds": round(seconds, 3), "out": os.path.abspath(out)}))

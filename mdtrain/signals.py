@@ -43,12 +43,6 @@ def received() -> str:
     return ",".join(_received) or "request"
 
 
-def request_stop() -> None:
-    """Ask the running loop to checkpoint and stop at the next step boundary (also usable from code)."""
-    _received.append("request")
-    _stop.set()
-
-
 def reset() -> None:
     _stop.clear()
     _received.clear()

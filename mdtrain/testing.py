@@ -12,7 +12,6 @@ import multiprocessing as mp
 import os
 import queue
 import socket
-import tempfile
 import time
 import traceback
 from typing import Any, Callable
@@ -128,22 +127,3 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
         detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise RuntimeError(f"{len(errors)} of {world_size} ranks failed:{detail}")
     return [results[r] for r in range(world_size)]
-
-
-@contextlib.contextmanager
-def offline_env():
-    """Set the no-network environment variables for the duration of a block."""
-    old = {k: os.environ.get(k) for k in OFFLINE_ENV}
-    os.environ.update(OFFLINE_ENV)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def temp_run_dir(prefix: str = "mdtrain-run-") -> str:
-    return tempfile.mkdtemp(prefix=prefix)

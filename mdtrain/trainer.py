@@ -1,40 +1,52 @@
 """The training loop: build -> (train_step, evaluate, checkpoint)* -> close. Engine-agnostic.
 
-One process or many (torchrun, the deepspeed launcher, srun, submitit): the process group, the engine and the data
-split come from ``mdtrain.parallel``; the loop never branches on which engine it has. Randomness is keyed by position
-(``mdtrain.rng``), so a resumed run repeats every step exactly.
+``run(config)`` is ``mdtrain train``, in one process or many (torchrun, the deepspeed launcher, srun, submitit,
+a sweep cell): the process group, the engine and the data split come from ``mdtrain.parallel``; the loop never
+branches on which engine it has. Randomness is keyed by position (``mdtrain.rng``), so a resumed run repeats every
+step exactly. Reading order: ``run`` -> ``Trainer.__init__`` (build) -> ``fit`` -> ``train_step`` -> the
+objective's ``loss``.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional, Sequence
 
 import torch
 import yaml
 
 from mdtrain import rng, signals
-from mdtrain.checkpoint import CheckpointManager, load_consolidated, resolve_checkpoint
-from mdtrain.config import Config, config_from_dict, save_config
+from mdtrain.checkpoint import CheckpointManager
+from mdtrain.config import Config, load_config, save_config
 from mdtrain.configtools import ConfigError, to_dict
-from mdtrain.metrics import MetricsLogger, eval_row, memory_gib, peak_flops
+from mdtrain.metrics import MetricsLogger, memory_gib, peak_flops
+from mdtrain.modeling import build_objective_and_model
+from mdtrain.objectives.protocol import make_model_fn
 from mdtrain.optim import lr_at, make_adamw
+
+
+def run(config: "str | Config | None", overrides: Sequence[str] = ()) -> int:
+    """Train (resuming the run dir's newest valid checkpoint); 0 when ``train.steps`` are done.
+
+    ``config`` is a YAML path (with ``overrides``, ``key=value``) or a loaded Config. A SIGUSR2/SIGTERM makes every
+    rank checkpoint at the next step boundary, then ``signals.Preempted`` (exit status 143) is raised. The CLI, the
+    submitit job and the sweep's in-process cells all train through here."""
+    cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
+    signals.install()
+    trainer = Trainer(cfg)
+    try:
+        status = trainer.fit()
+    finally:
+        trainer.close()
+    if status == "preempted":
+        raise signals.Preempted(signals.received())
+    return 0
 
 
 def ema_decay(cap: float, num_updates: int) -> float:
     """MDLM's EMA warmup: min(cap, (1 + n) / (10 + n)) for the n-th update (n counted from 1)."""
     return min(cap, (1 + num_updates) / (10 + num_updates))
-
-
-def attach_objective(model: torch.nn.Module, objective) -> torch.nn.Module:
-    """Objectives with parameters (GenMD4's learnable schedule) ride along as ``model.objective``, so every engine
-    shards, syncs, optimises, checkpoints and exports them with the network's weights."""
-    if any(True for _ in objective.parameters()):
-        model.add_module("objective", objective)
-    return model
 
 
 def valid_tokens(objective, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -43,64 +55,91 @@ def valid_tokens(objective, attention_mask: torch.Tensor) -> torch.Tensor:
     return m.sum()
 
 
-@dataclass
-class Built:
-    """Everything a run needs, built once."""
-    cfg: Config
-    ctx: Any
-    tokenizer: Any
-    objective: Any
-    engine: Any
-    seq_len: int
-    flops_per_token: float
-
-
-def build(cfg: Config, ctx, tokenizer, seq_len: int, accum: int, init_state: Optional[dict] = None) -> Built:
-    """Objective -> model (initial weights, TP, AC, compile) -> engine (DDP / FSDP / ZeRO), on a ready process group."""
-    from mdtrain.models import build_model
-    from mdtrain.models.flops import flops_per_token
-    from mdtrain.objectives import build_objective
-    from mdtrain.parallel import build_engine
-
-    objective = build_objective(cfg.objective, tokenizer.vocab_size, tokenizer.mask_id)
-    torch.manual_seed(rng.key(0, cfg.train.seed))  # identical initial weights on every rank
-    model = attach_objective(build_model(cfg.model, tokenizer.vocab_size, seq_len), objective)
-    if init_state is not None:  # checkpoint.load_from: weights only, before any wrapping
-        model.load_state_dict(init_state)
-    fpt = flops_per_token(cfg.model, tokenizer.vocab_size, seq_len, causal=objective.causal)
-    model = _apply_parallelisms(model, cfg, ctx)
-    engine = build_engine(cfg.parallel, model, lambda m: make_adamw(m, cfg.optim), ctx,
-                          precision=_precision(cfg, ctx), grad_accum=accum, micro_batch_size=cfg.train.micro_batch_size)
-    if cfg.train.ema > 0:
-        engine.ema_init()
-    return Built(cfg, ctx, tokenizer, objective, engine, seq_len, fpt["exact"] if "exact" in fpt else fpt["rule"])
-
-
-def _apply_parallelisms(model, cfg: Config, ctx):
-    """torchtitan's order: tensor parallel -> activation checkpointing -> compile; the engine shards last."""
-    if cfg.parallel.tp > 1:
-        from mdtrain.parallel.tensor_parallel import apply_tensor_parallel
-        model = apply_tensor_parallel(model, ctx)
-    if cfg.train.activation_checkpointing or cfg.train.compile:
-        from mdtrain.parallel.blocks import wrap_blocks
-        wrap_blocks(model, checkpoint=cfg.train.activation_checkpointing, compile=cfg.train.compile)
-    return model.to(ctx.device)
-
-
-def _precision(cfg: Config, ctx) -> str:
-    if cfg.train.precision == "auto":
-        return "bf16" if ctx.device.type == "cuda" else "fp32"
-    return cfg.train.precision
-
-
-def _grad_accum(cfg: Config, ctx) -> int:
-    per_step = cfg.train.micro_batch_size * ctx.dp_size
+def grad_accumulation(cfg: Config, dp_size: int) -> int:
+    per_step = cfg.train.micro_batch_size * dp_size
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of train.micro_batch_size "
-            f"({cfg.train.micro_batch_size}) x data-parallel size ({ctx.dp_size}) = {per_step}; choose a global "
+            f"({cfg.train.micro_batch_size}) x data-parallel size ({dp_size}) = {per_step}; choose a global "
             f"batch of micro x accumulation x data-parallel ranks")
     return cfg.train.global_batch_size // per_step
+
+
+def compute_precision(cfg: Config, device: torch.device) -> str:
+    if cfg.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a checkpoint restores besides the engine's weights, optimizer and EMA
+
+
+class Progress:
+    """Where the run stands: optimizer steps taken, tokens trained on, skipped steps, the wandb run id."""
+
+    def __init__(self):
+        self.step = 0
+        self.tokens = 0
+        self.skipped_total = 0
+        self.nonfinite_in_a_row = 0
+        self.wandb_id: Optional[str] = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "skipped_total": self.skipped_total,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "wandb_id": self.wandb_id or ""}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.skipped_total = int(state["skipped_total"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.wandb_id = state["wandb_id"] or None
+
+
+class DataPosition:
+    """The loader's stream position, with the data-parallel size it was saved at (a resume may use another)."""
+
+    def __init__(self, loader, dp_size: int):
+        self.loader, self.dp_size = loader, dp_size
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "dp_size": self.dp_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved_dp = int(state["dp_size"])
+        self.loader.load_state_dict(state["loader"], from_dp_size=None if saved_dp == self.dp_size else saved_dp)
+
+
+class RNGStreams:
+    """torch's global generators (CPU, and this rank's CUDA device). Dropout reseeds them per micro-batch
+    (``rng.seed_dropout``); restoring them keeps any other use of them exact across a resume too."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+def _client_state_v1(flat: dict) -> dict:
+    """Checkpoints written before the client state had one section per registered object."""
+    rng_state = {"cpu": flat["rng_cpu"]}
+    if "rng_cuda" in flat:
+        rng_state["cuda"] = flat["rng_cuda"]
+    return {"progress": {k: flat.get(k, 0) for k in ("step", "tokens", "skipped_total", "nonfinite_in_a_row")}
+            | {"wandb_id": flat.get("wandb_id", "")},
+            "data": {"loader": flat["data"], "dp_size": flat["dp_size"]}, "rng": rng_state}
+
+
+# ----------------------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -112,31 +151,33 @@ class Trainer:
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        self.ctx = init_distributed(cfg.parallel.backend, cfg.parallel.tp)
-        self.accum = _grad_accum(cfg, self.ctx)
+        self.ctx = init_distributed(cfg.parallel.backend, cfg.parallel.tp, device=cfg.train.device)
+        self.device = self.ctx.device
+        self.accum = grad_accumulation(cfg, self.ctx.dp_size)
+        self.precision = compute_precision(cfg, self.device)
         self.run_dir = cfg.train.run_dir
         if self.ctx.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
         self.ctx.barrier()
         self.loader = build_loader(cfg.data, "train", cfg.train.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size,
                                    seed=cfg.train.seed, infinite=True)
-        self.data_iter = iter(self.loader)
+        self.tokenizer, self.seq_len = self.loader.tokenizer, self.loader.seq_len
+
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.checkpoint.keep_last, self.ctx)
         self.resume_path = self.ckpt.latest() if cfg.checkpoint.resume else None
-        init_state = None
-        if self.resume_path is None and cfg.checkpoint.load_from:
-            init_state = load_for_inference(cfg.checkpoint.load_from, use_ema=True).model.state_dict()
-        self.b = build(cfg, self.ctx, self.loader.tokenizer, self.loader.seq_len, self.accum, init_state)
-        self.engine, self.objective = self.b.engine, self.b.objective
-        self.device = self.ctx.device
-        self.step = 0
-        self.tokens = 0
-        self.nonfinite_in_a_row = 0
-        self.skipped_total = 0
-        self.wandb_id: Optional[str] = None
-        self.precision = _precision(cfg, self.ctx)
-        self.peak = peak_flops(self.device, self.precision)
-        self._resume()
+        self._build()
+
+        self.progress = Progress()
+        self.ckpt.register("progress", self.progress)
+        self.ckpt.register("data", DataPosition(self.loader, self.ctx.dp_size))
+        self.ckpt.register("rng", RNGStreams(self.device))
+        self._resumed_step: Optional[int] = None
+        if self.resume_path is not None:
+            self.ckpt.load(self.resume_path, self.engine, upgrade=_client_state_v1)
+            self._resumed_step = self.progress.step
+            if self.ctx.is_main:
+                print(f"resumed from {self.resume_path} at step {self.progress.step}", flush=True)
+        self.data_iter = iter(self.loader)
         if self.ctx.is_main:
             _warn_config_changes(self.run_dir, cfg)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
@@ -144,54 +185,78 @@ class Trainer:
         if cfg.logging.wandb:
             wandb_cfg = {"project": cfg.logging.wandb_project,
                          "name": cfg.logging.wandb_name or os.path.basename(os.path.abspath(self.run_dir)),
-                         "config": to_dict(cfg), "run_id": self.wandb_id}
+                         "config": to_dict(cfg), "run_id": self.progress.wandb_id}
         self.metrics = MetricsLogger(self.run_dir, cfg.train.steps, self.ctx.is_main, cfg.logging.progress_bar,
                                      wandb_cfg)
         if self.metrics.wandb:
-            self.wandb_id = self.metrics.wandb.id
+            self.progress.wandb_id = self.metrics.wandb.id
+
+    def _build(self) -> None:
+        """Objective and model (identical initial weights on every rank, or ``checkpoint.load_from``'s), then
+        torchtitan's order: tensor parallel -> activation checkpointing -> compile -> the data-parallel engine."""
+        from mdtrain.models.flops import flops_per_token
+        from mdtrain.parallel import build_engine
+
+        cfg, ctx = self.cfg, self.ctx
+        torch.manual_seed(rng.key(0, cfg.train.seed))
+        model, self.objective = build_objective_and_model(cfg, self.tokenizer.vocab_size, self.tokenizer.mask_id,
+                                                          self.seq_len)
+        if self.resume_path is None and cfg.checkpoint.load_from:  # weights only, before any wrapping
+            from mdtrain.inference import load_for_inference
+            model.load_state_dict(load_for_inference(cfg.checkpoint.load_from, use_ema=True).model.state_dict())
+        fpt = flops_per_token(cfg.model, self.tokenizer.vocab_size, self.seq_len, causal=self.objective.causal)
+        self.flops_per_token = fpt["exact"]
+        if cfg.parallel.tp > 1:
+            from mdtrain.parallel.tensor_parallel import apply_tensor_parallel
+            model = apply_tensor_parallel(model, ctx, self.objective)
+        if cfg.train.activation_checkpointing or cfg.train.compile:
+            from mdtrain.parallel.blocks import wrap_blocks
+            wrap_blocks(model, checkpoint=cfg.train.activation_checkpointing, compile=cfg.train.compile)
+        self.engine = build_engine(cfg.parallel, model.to(ctx.device), lambda m: make_adamw(m, cfg.optim), ctx,
+                                   precision=self.precision, grad_accum=self.accum,
+                                   micro_batch_size=cfg.train.micro_batch_size)
+        if cfg.train.ema > 0:
+            self.engine.ema_init()
+        self.peak = peak_flops(self.device, self.precision)
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
     # ------------------------------------------------------------------------------------------------
-    def _model_fn(self, attention_mask: Optional[torch.Tensor]):
-        model = self.engine.model
-
-        def model_fn(x, cond=None, attn=None):
-            mask = attn if attn is not None else attention_mask
-            if mask is not None and mask.shape[1] != x.shape[1]:
-                mask = mask[:, : x.shape[1]]
-            return model(x, cond, mask)
-        return model_fn
-
     def _autocast(self):
         if self.precision == "bf16" and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _noise(self, step: int, micro: int, batch_size: int, seq_len: int, seed: int, stream: int, total: int):
-        base = (micro * self.ctx.dp_size + self.ctx.dp_rank) * batch_size  # the loader's order (mdtrain.rng)
-        noise = rng.keyed_noise(self.objective.noise_spec(seq_len), tuple(self.objective.stratified_keys), seed, step,
-                                list(range(base, base + batch_size)), total, stream)
+    def _noise(self, step: int, micro: int, batch_size: int, seq_len: int) -> dict:
+        """This micro-batch's diffusion noise, keyed by the samples' global indices in the loader's stream order."""
+        base = (micro * self.ctx.dp_size + self.ctx.dp_rank) * batch_size  # see mdtrain.rng
+        noise = rng.keyed_noise(self.objective.noise_spec(seq_len), tuple(self.objective.stratified_keys),
+                                self.cfg.train.seed, step, list(range(base, base + batch_size)),
+                                self.cfg.train.global_batch_size, rng.STREAM_NOISE)
         return {k: v.to(self.device) for k, v in noise.items()}
 
     def train_step(self) -> dict:
-        cfg = self.cfg
+        """One optimizer step over the global batch: accumulate every micro-batch's share of the global loss, step."""
+        cfg, prog = self.cfg, self.progress
         batches = [next(self.data_iter) for _ in range(self.accum)]
         local_tok = sum(float(valid_tokens(self.objective, b["attention_mask"])) for b in batches)
         # over data-parallel ranks only: the tensor-parallel ranks of a DP rank hold copies of the same batch
         global_tok = float(self.ctx.all_reduce_sum(torch.tensor([local_tok], dtype=torch.float64),
                                                    group=self.ctx.dp_group)[0])
-        self.engine.set_lr(lr_at(self.step, cfg.train.steps, cfg.optim))
+        self.engine.set_lr(lr_at(prog.step, cfg.train.steps, cfg.optim))
         self.engine.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro, batch in enumerate(batches):
             x0 = batch["input_ids"].to(self.device, non_blocking=True)
             attn = batch["attention_mask"].to(self.device, non_blocking=True)
-            noise = self._noise(self.step, micro, x0.shape[0], x0.shape[1], cfg.train.seed, rng.STREAM_NOISE,
-                                cfg.train.global_batch_size)
-            rng.seed_dropout(cfg.train.seed, self.step, self.ctx.rank, micro)
+            noise = self._noise(prog.step, micro, x0.shape[0], x0.shape[1])
+            rng.seed_dropout(cfg.train.seed, prog.step, self.ctx.rank, micro)
             last = micro == self.accum - 1
             with self.engine.no_sync() if not last else contextlib.nullcontext():
                 with self._autocast():
-                    loss, m = self.objective.loss(self._model_fn(attn), x0, attn, noise=noise)
+                    loss, m = self.objective.loss(make_model_fn(self.engine.model, attn), x0, attn, noise=noise)
                 share = loss.float() * (float(m["tokens"]) / global_tok)
                 self.engine.backward(share)
             loss_sum += share.detach().double()
@@ -199,57 +264,62 @@ class Trainer:
         all_finite = float(self.ctx.all_reduce_sum(finite)[0]) == self.ctx.world_size
         grad_norm = self.engine.step(cfg.optim.grad_clip, skip=not all_finite)
         if all_finite:
-            self.nonfinite_in_a_row = 0
+            prog.nonfinite_in_a_row = 0
             if cfg.train.ema > 0:
-                n = self.step + 1 - self.skipped_total
+                n = prog.step + 1 - prog.skipped_total
                 self.engine.ema_update(ema_decay(cfg.train.ema, n) if cfg.train.ema_warmup else cfg.train.ema)
         else:
-            self.nonfinite_in_a_row += 1
-            self.skipped_total += 1
-            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            prog.nonfinite_in_a_row += 1
+            prog.skipped_total += 1
+            if prog.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                 raise FloatingPointError(
-                    f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1}: stopping. Lower "
+                    f"{prog.nonfinite_in_a_row} non-finite losses in a row at step {prog.step + 1}: stopping. Lower "
                     f"optim.lr, check the data, or raise train.max_nonfinite_steps")
-        self.step += 1
-        self.tokens += int(global_tok)
+        prog.step += 1
+        prog.tokens += int(global_tok)
         global_loss = self.ctx.all_reduce_sum(loss_sum.reshape(1).cpu(), group=self.ctx.dp_group)[0]
         return {"loss": float(global_loss), "grad_norm": float(grad_norm), "tokens_step": global_tok,
                 "finite": all_finite}
 
     # ------------------------------------------------------------------------------------------------
     def fit(self) -> str:
-        cfg = self.cfg
-        if self.step >= cfg.train.steps:
-            self.metrics.print(f"run already finished at step {self.step} (train.steps={cfg.train.steps})")
+        """Train to ``train.steps``; "done", or "preempted" after a stop signal made every rank checkpoint.
+
+        Throughput (tokens/s, MFU) is measured over the training steps of each logging window only; evaluation
+        and checkpoint time are reported on their own lines."""
+        cfg, prog = self.cfg, self.progress
+        if prog.step >= cfg.train.steps:
+            self.metrics.print(f"run already finished at step {prog.step} (train.steps={cfg.train.steps})")
         self.metrics.print(f"training {cfg.objective.name} on {cfg.model.name}/{cfg.model.flavor} with "
                            f"{self.ctx.world_size} rank(s) [{cfg.parallel.engine}], global batch "
                            f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {self.accum} accum x "
-                           f"{self.ctx.dp_size} dp; from step {self.step} to {cfg.train.steps}")
-        t_last, tok_last = time.time(), 0
-        while self.step < cfg.train.steps:
+                           f"{self.ctx.dp_size} dp; from step {prog.step} to {cfg.train.steps}")
+        window_tokens, window_s = 0.0, 0.0
+        while prog.step < cfg.train.steps:
             if self._stop_agreed():
                 self.save()
-                self.metrics.print(f"stop signal ({signals.received()}): checkpoint saved at step {self.step}; "
+                self.metrics.print(f"stop signal ({signals.received()}): checkpoint saved at step {prog.step}; "
                                    f"re-run the same command (or let the launcher requeue) to resume")
                 return "preempted"
+            t0 = time.perf_counter()
             out = self.train_step()
-            tok_last += out["tokens_step"]
-            self.metrics.advance(self.step)
-            if self.step % cfg.logging.every == 0 or self.step == cfg.train.steps or not out["finite"]:
-                dt = max(time.time() - t_last, 1e-9)
-                tps = tok_last / dt
-                mfu = (self.b.flops_per_token * tps / self.ctx.world_size / self.peak) if self.peak else None
-                self.metrics.log_train({"step": self.step, "loss": out["loss"], "tokens": self.tokens,
-                                        "lr": lr_at(self.step - 1, cfg.train.steps, cfg.optim),
+            window_s += time.perf_counter() - t0
+            window_tokens += out["tokens_step"]
+            self.metrics.advance(prog.step)
+            if prog.step % cfg.logging.every == 0 or prog.step == cfg.train.steps or not out["finite"]:
+                tps = window_tokens / max(window_s, 1e-9)
+                mfu = (self.flops_per_token * tps / self.ctx.world_size / self.peak) if self.peak else None
+                self.metrics.log_train({"step": prog.step, "loss": out["loss"], "tokens": prog.tokens,
+                                        "lr": lr_at(prog.step - 1, cfg.train.steps, cfg.optim),
                                         "grad_norm": out["grad_norm"], "tokens_per_s": tps, "mfu": mfu,
-                                        "memory_gib": memory_gib(self.device), "skipped": self.skipped_total,
+                                        "memory_gib": memory_gib(self.device), "skipped": prog.skipped_total,
                                         "skipped_samples": getattr(self.loader, "skipped_samples", 0)})
-                t_last, tok_last = time.time(), 0
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                window_tokens, window_s = 0.0, 0.0
+            if cfg.eval.every and prog.step % cfg.eval.every == 0 and prog.step < cfg.train.steps:
                 self.evaluate()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
+            if cfg.checkpoint.every and prog.step % cfg.checkpoint.every == 0 and prog.step < cfg.train.steps:
                 self.save()
-        if self.resume_path is None or self.step > self._resumed_step:  # a finished run re-run only re-evaluates
+        if self._resumed_step is None or prog.step > self._resumed_step:  # a finished run re-run only re-evaluates
             self.save()
         self.evaluate()
         return "done"
@@ -261,58 +331,27 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def evaluate(self) -> list[dict]:
+        """The validation split and ``eval.extra`` (EMA weights when ``train.use_ema_for_eval``); one row each."""
         from mdtrain.evaluate import evaluate_splits
-        with self._ema_context():
-            rows = evaluate_splits(self.cfg, self.b, step=self.step)
+        t0 = time.perf_counter()
+        use_ema = self.cfg.train.ema > 0 and self.cfg.train.use_ema_for_eval
+        with self.engine.ema_swapped() if use_ema else contextlib.nullcontext():
+            rows = evaluate_splits(self.cfg, self.engine.model, self.objective, self.ctx, step=self.progress.step)
+        seconds = time.perf_counter() - t0
         for row in rows:
-            self.metrics.log_eval(row)
+            self.metrics.log_eval({**row, "seconds": seconds})
         return rows
 
-    def _ema_context(self):
-        if self.cfg.train.ema > 0 and self.cfg.train.use_ema_for_eval:
-            return self.engine.ema_swapped()
-        return contextlib.nullcontext()
-
-    # ------------------------------------------------------------------------------------------------
-    def client_state(self) -> dict:
-        state = {"step": self.step, "tokens": self.tokens, "data": self.loader.state_dict(),
-                 "skipped_total": self.skipped_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                 "wandb_id": self.wandb_id or "", "world_size": self.ctx.world_size, "dp_size": self.ctx.dp_size,
-                 "rng_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        return state
-
     def save(self) -> None:
-        cfg, tok = self.cfg, self.b.tokenizer
+        cfg, tok = self.cfg, self.tokenizer
 
         def extra(path):
             save_config(cfg, os.path.join(path, "config.yaml"))
             tok.save(os.path.join(path, "tokenizer"))
-        async_save = self.cfg.checkpoint.async_save
-        path = self.ckpt.save(self.step, lambda p: self.engine.save_checkpoint(p, self.client_state(), async_save),
-                              extra, wait=self.engine.wait_checkpoint if async_save else None)
-        self.metrics.print(f"{'writing' if async_save else 'saved'} checkpoint {path}")
-
-    def _resume(self) -> None:
-        path = self.resume_path
-        if path is None:
-            return
-        state = self.engine.load_checkpoint(path)
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self._resumed_step = self.step
-        self.skipped_total = int(state.get("skipped_total", 0))
-        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        self.wandb_id = state.get("wandb_id") or None
-        if int(state.get("dp_size", self.ctx.dp_size)) == self.ctx.dp_size:
-            self.loader.load_state_dict(state["data"])
-        else:
-            self.loader.load_state_dict(state["data"], from_dp_size=int(state["dp_size"]))
-        self.data_iter = iter(self.loader)
-        if "rng_cpu" in state:
-            torch.set_rng_state(state["rng_cpu"])
-        if self.ctx.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+        t0 = time.perf_counter()
+        path = self.ckpt.save(self.progress.step, self.engine, extra, async_save=cfg.checkpoint.async_save)
+        verb = "writing" if cfg.checkpoint.async_save else "saved"
+        self.metrics.print(f"{verb} checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
 
     def close(self) -> None:
         self.ckpt.finish()
@@ -331,47 +370,3 @@ def _warn_config_changes(run_dir: str, cfg: Config) -> None:
                and isinstance(old.get(s), dict) for k, v in sec.items() if old[s].get(k) != v]
     if changed:
         print(f"note: config differs from the run's previous config.yaml: {'; '.join(changed)}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# inference-side loading (eval, sample, export)
-
-
-def load_for_inference(path: str, use_ema: bool = True, overrides: Optional[list[str]] = None):
-    """A run dir, checkpoint dir or export dir -> ``mdtrain.exported.Bundle`` on one process (EMA weights if any)."""
-    from mdtrain.configtools import set_dotted, parse_overrides
-    from mdtrain.data.tokenizers import load_tokenizer
-    from mdtrain.exported import Bundle, is_export_dir, load_exported
-    from mdtrain.models import build_model
-    from mdtrain.objectives import build_objective
-
-    if is_export_dir(path):
-        bundle = load_exported(path)
-        for k, v in parse_overrides(overrides or []):
-            set_dotted(bundle.cfg, k, v)
-        return bundle
-    ckpt = resolve_checkpoint(path)
-    with open(os.path.join(ckpt, "config.yaml")) as fh:
-        cfg = config_from_dict(yaml.safe_load(fh))
-    for k, v in parse_overrides(overrides or []):
-        set_dotted(cfg, k, v)
-    tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer"))
-    objective = build_objective(cfg.objective, tokenizer.vocab_size, tokenizer.mask_id)
-    model = attach_objective(build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len), objective)
-    state = load_consolidated(ckpt, model.state_dict(), ema=use_ema)
-    model.load_state_dict(state)
-    model.eval()
-    return Bundle(model=model, objective=objective, tokenizer=tokenizer, cfg=cfg)
-
-
-def main(args) -> int:
-    cfg: Config = args.cfg
-    signals.install()
-    trainer = Trainer(cfg)
-    try:
-        status = trainer.fit()
-    finally:
-        trainer.close()
-    if status == "preempted":
-        raise signals.Preempted(signals.received())
-    return 0

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mdtrain.config import Config, load_config, save_config
-from mdtrain.configtools import ConfigError, all_keys, describe, from_dict, to_dict
+from mdtrain.configtools import ConfigError, all_keys, describe, to_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -76,8 +76,8 @@ def slurm_reference(tmp_path_factory):
 
 def test_dry_run_renders_what_submitit_submits(tmp_path):
     """The --dry-run text is the script submitit writes for the same options (checked against its own executor)."""
-    from launch.config import LaunchConfig
-    from launch.slurm import _executor, sbatch_script, slurm_parameters
+    from mdtrain.launch.config import LaunchConfig
+    from mdtrain.launch.slurm import _executor, sbatch_script, slurm_parameters
     opts = LaunchConfig(nodes=2, gpus_per_node=4, cpus_per_task=3, time="1:00:00", partition="p",
                         sbatch_extra=["--exclusive"], setup=["echo hi"])
     folder = str(tmp_path / "%j")
@@ -100,7 +100,7 @@ def test_preempted_job_requeues_and_resumes_to_the_same_weights(slurm_reference,
     """Two interruptions of one 2-task job, each saved, requeued and resumed; the run ends exactly as without them:
     submitit's preemption (SIGTERM, then USR2 to every task: the job requeues itself), then `scontrol requeue`
     (SIGTERM only: SLURM requeues it)."""
-    from launch.slurm import submit, wait
+    from mdtrain.launch.slurm import submit, wait
     _, cfg, ref_dir = slurm_reference
     run_dir = str(tmp_path / "run")
     _free_cpus()

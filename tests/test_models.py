@@ -5,7 +5,6 @@ import copy
 import math
 import os
 import re
-import time
 
 import pytest
 import torch
@@ -314,7 +313,7 @@ def test_models_import_no_distributed_code():
 
 
 def expected_params(name, variant, vocab, n_layers, d, heads, cond, d_state=64):
-    """Parameter count from the layer shapes of mdlm.md §7.1/7.3 and md4.md §5.1 (and our DiMamba)."""
+    """Parameter count from the layer shapes of MDLM's DiT / AR model, MD4's transformer (and our DiMamba)."""
     md4 = variant == "md4"
     hidden = 32 * math.ceil(8 * d / 3 / 32) if md4 else 4 * d
     conditioned = name != "causal"
@@ -339,13 +338,13 @@ def expected_params(name, variant, vocab, n_layers, d, heads, cond, d_state=64):
 
 
 @pytest.mark.parametrize("name,variant,flavor,vocab,paper_millions", [
-    ("dit", "mdlm", "small", 50258, 169.6),    # mdlm.md §7.2
+    ("dit", "mdlm", "small", 50258, 169.6),    # MDLM small, counted from its shapes
     ("dit", "mdlm", "small", 30522, 139.3),
     ("dit", "mdlm", "tiny", 50258, 80.1),
     ("dit", "mdlm", "medium", 50258, 424.5),
     ("causal", "mdlm", "small", 50258, 162.2),
     ("causal", "mdlm", "small", 30522, 131.9),
-    ("dit", "md4", "small", 50258, 165.9),     # md4.md §5.1: MD4-S (V = 50257 + mask)
+    ("dit", "md4", "small", 50258, 165.9),     # MD4-S (V = 50257 + mask), counted from its shapes
     ("dit", "md4", "medium", 50258, 416.2),    # MD4-M
     ("dimamba", "mdlm", "tiny", 50258, None),
     ("dit", "mdlm", "large", 50258, None),
@@ -364,7 +363,7 @@ def test_flavor_parameter_counts(name, variant, flavor, vocab, paper_millions):
 def test_small_block_and_embedding_split_matches_mdlm():
     c = count_params(ModelConfig(name="dit", flavor="small"), 50258)
     blocks = c["non_embedding"] - c["conditioning"] + 12 * (128 * 6 * 768 + 6 * 768) - 768  # adaLN in, final norm out
-    assert round(blocks / 1e6, 1) == 92.1 and round(c["embedding"] / 1e6, 1) == 38.6  # mdlm.md §7.2
+    assert round(blocks / 1e6, 1) == 92.1 and round(c["embedding"] / 1e6, 1) == 38.6  # MDLM small, counted from its shapes
     # the reference's "38.8M output head" is the rest: head, final norm + adaLN and the time MLP (38.90M)
     assert abs((c["total"] - blocks - c["embedding"]) / 1e6 - 38.85) < 0.06
 
@@ -405,7 +404,7 @@ def test_flops_per_token_rule_and_exact_count():
     n = c["total"] - c["embedding"] - c["conditioning"]
     assert f["n_params"] == n
     assert f["rule"] == 6 * n + 12 * n_layers * d * t
-    assert abs(f["rule"] / 0.855e9 - 1) < 0.01  # anchors.md §B.3: ~0.85 GFLOP/token
+    assert abs(f["rule"] / 0.855e9 - 1) < 0.01  # 6N + 12·L·d·T for DiT-small at T=1024: ~0.85 GFLOP/token
     # exact: 3 x forward matmuls = per block qkv/out/MLP (24 d^2) + q.k and p.v (4 T d), head, per-sequence cond
     cond = 2 * (256 * 128 + 128 * 128) + 2 * 128 * 6 * d * n_layers + 2 * 128 * 2 * d
     forward = n_layers * (24 * d * d + 4 * t * d) + 2 * d * vocab + cond / t
@@ -456,23 +455,6 @@ def test_every_backbone_trains_a_few_cpu_steps(name, variant):
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses
 
 
-def test_debug_flavor_trains_a_cpu_step_well_under_a_second():
-    for name in BACKBONES:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(name=name, flavor="debug"), 1000, 128)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.randint(0, 999, (8, 128))
-        best = math.inf
-        for _ in range(3):
-            start = time.perf_counter()
-            loss = F.cross_entropy(model(x, torch.rand(8)).flatten(0, 1), x.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            best = min(best, time.perf_counter() - start)
-        assert best < 0.5, f"{name}: {best:.2f}s per step"
-
-
 OBJECTIVE_PAIRS = [(b, o) for b in ("dit", "dimamba") for o in ("mdlm", "md4", "genmd4", "d3pm", "sedd")]
 OBJECTIVE_PAIRS.append(("causal", "ar"))
 
@@ -480,10 +462,7 @@ OBJECTIVE_PAIRS.append(("causal", "ar"))
 @pytest.mark.parametrize("name,objective", OBJECTIVE_PAIRS)
 def test_every_backbone_trains_with_every_compatible_objective(name, objective):
     """The objectives' own losses (mdtrain.objectives) through the model: the loss on a fixed noise draw falls."""
-    import mdtrain.objectives as objectives
-    if not hasattr(objectives, "build_objective"):  # written in parallel with the backbones (issue 3)
-        pytest.skip("mdtrain.objectives.build_objective is not in this checkout yet")
-    build_objective, ObjectiveConfig = objectives.build_objective, objectives.ObjectiveConfig
+    from mdtrain.objectives import ObjectiveConfig, build_objective
     torch.manual_seed(0)
     obj = build_objective(ObjectiveConfig(name=objective), V, V - 1)
     variant = "md4" if objective in ("md4", "genmd4") else "mdlm"  # each paper's own block style

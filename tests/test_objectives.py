@@ -293,7 +293,7 @@ def test_draw_noise_stratifies_over_the_global_batch():
 
 
 def test_mdlm_initial_loss_is_log_vocab():
-    """mdlm.md §12.1: zero logits -> every masked token costs log(V−1); weighted by 1/t the mean is ~log(V−1)."""
+    """Zero logits -> every masked token costs log(V−1); weighted by 1/t the mean is ~log(V−1)."""
     o = obj("mdlm")
     x0 = torch.randint(0, V - 1, (256, 64), generator=torch.Generator().manual_seed(0))
     loss, _ = o.loss(lambda x, c: torch.zeros(*x.shape, V), x0, generator=torch.Generator().manual_seed(1))

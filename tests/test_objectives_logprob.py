@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mdtrain.objectives import ObjectiveConfig, build_objective, logprob
-from mdtrain.objectives.logprob import gather_lse, softmax_expectation, target_logprob, use_impl
+from mdtrain.objectives.logprob import gather_lse, softmax_expectation, target_logprob
 
 
 @pytest.fixture(params=[None, 3])
@@ -76,17 +76,21 @@ def test_loss_saves_no_full_size_float32_copy_of_the_logits(name):
     assert torch.isfinite(table.grad.float()).all()
 
 
-def test_impl_can_be_swapped_for_a_vocab_parallel_version():
+def test_each_objective_reads_logits_through_its_own_reader():
+    """A reader given to one objective (tensor parallelism gives its model's objective one) is used by that objective
+    only: another objective in the same process keeps reading whole-vocabulary logits."""
     calls = []
 
-    def fake_gather_lse(logits, index, suppress_id=None):
-        calls.append(suppress_id)
-        return logprob._local_gather_lse(logits, index, suppress_id)
+    class Counting(logprob.LogitsReader):
+        def gather_lse(self, logits, index, suppress_id=None):
+            calls.append(suppress_id)
+            return super().gather_lse(logits, index, suppress_id)
 
-    o = build_objective(ObjectiveConfig(name="mdlm"), 5, 4)
+    o, other = build_objective(ObjectiveConfig(name="mdlm"), 5, 4), build_objective(ObjectiveConfig(name="mdlm"), 5, 4)
+    o.logprob = Counting()
     x0 = torch.zeros(1, 3, dtype=torch.long)
-    with use_impl(gather_lse=fake_gather_lse):
-        o.loss(lambda x, c: torch.zeros(1, 3, 5), x0, generator=torch.Generator().manual_seed(0))
+    a, _ = o.loss(lambda x, c: torch.zeros(1, 3, 5), x0, generator=torch.Generator().manual_seed(0))
     assert calls == [4]
-    o.loss(lambda x, c: torch.zeros(1, 3, 5), x0, generator=torch.Generator().manual_seed(0))
-    assert calls == [4]  # restored
+    b, _ = other.loss(lambda x, c: torch.zeros(1, 3, 5), x0, generator=torch.Generator().manual_seed(0))
+    assert calls == [4] and other.logprob is logprob.LOCAL
+    assert torch.equal(a, b)

@@ -3,7 +3,6 @@ one process fed the same global batch, a sharded checkpoint survives SIGKILL bit
 resumes on 1 rank (DCP resharding) with the same losses as the uninterrupted 2-rank run."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -1,5 +1,5 @@
 """Noise schedules against closed forms written here with mpmath (50 digits), finite differences, and the numbers
-of mdlm.md §12.1; float64 accuracy at t → 0 and t → 1."""
+computed from the schedules' closed forms (MDLM's noise_schedule.py); float64 accuracy at t → 0 and t → 1."""
 
 import mpmath as mp
 import pytest
@@ -10,7 +10,8 @@ from mdtrain.objectives.schedules import NAMES, build_schedule, importance_sampl
 
 mp.mp.dps = 50
 
-# α(t) in high precision, straight from the papers' definitions (mdlm.md §3, md4.md §2.3).
+# α(t) in high precision, straight from the papers' definitions (Sahoo et al. 2024 §3 and MDLM's noise_schedule.py; Shi et al.
+# 2024 §2 and MD4's schedules).
 E3, E4 = mp.mpf("1e-3"), mp.mpf("1e-4")
 ALPHA = {
     "loglinear": lambda t: 1 - (1 - E3) * t,
@@ -71,7 +72,7 @@ def test_derivatives_match_finite_differences(name):
 
 
 def test_mdlm_reference_numbers():
-    """mdlm.md §12.1 sanity table."""
+    """Values of the loglinear / cosine schedules, worked out by hand from their closed forms."""
     ll = build_schedule("loglinear")
     t = torch.tensor([1e-3, 0.01, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
     torch.testing.assert_close(ll.dsigma(t) / torch.expm1(ll.sigma(t)), 1 / t, rtol=1e-12, atol=0)
@@ -91,7 +92,7 @@ def test_mdlm_reference_numbers():
 
 
 def test_md4_linear_weight_is_finite_at_zero():
-    """md4.md §2.3: w(t) = −(1−2ε)/(ε + (1−2ε)t), about −9998 at t = 0."""
+    """MD4's linear schedule with its ε: w(t) = −(1−2ε)/(ε + (1−2ε)t), about −9998 at t = 0."""
     w = build_schedule("md4_linear").weight(torch.tensor(0.0, dtype=torch.float64))
     assert float(w) == pytest.approx(-(1 - 2e-4) / 1e-4, rel=1e-12)
 

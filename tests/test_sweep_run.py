@@ -289,7 +289,7 @@ def test_shipped_sweep_files_plan_every_cell(path, tmp_path):
 
 
 def test_submitit_local_executor_runs_cells_as_launcher_jobs(tmp_path):
-    """executor=local: each cell is a submitit LocalExecutor job made by launch/slurm.py (`mdtrain train BASE
+    """executor=local: each cell is a submitit LocalExecutor job made by mdtrain/launch/slurm.py (`mdtrain train BASE
     OVERRIDES` in a fresh process); its loss equals the in-process run of the same cell."""
     one = dict(objectives=["ar"], sizes=["1x16x2"], budgets=[3e7], threads=0)
     ref_path = write_sweep(tmp_path, "ref.yaml", out=str(tmp_path / "ref"), **one)

@@ -57,13 +57,11 @@ def _tp2_job(rank, world, tmp):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from mdtrain.objectives import logprob
     from mdtrain.parallel.dist import init_distributed
     from mdtrain.parallel.tensor_parallel import apply_tensor_parallel, sampling_model_fn, tp_info
     from mdtrain.parallel.tensor_parallel_state import full_state_dict, gather_full, load_resharded, \
         rename_for_checkpoint
-    from mdtrain.parallel.tensor_parallel_vocab import VocabShard, vocab_parallel_gather_lse, \
-        vocab_parallel_softmax_expectation
+    from mdtrain.parallel.tensor_parallel_vocab import VocabShard, reader
 
     ctx = init_distributed("gloo", tp=world)
     out = {}
@@ -73,7 +71,7 @@ def _tp2_job(rank, world, tmp):
         ref = copy.deepcopy(model)
         ref_loss = _loss(lambda x, c, m=ref: m(x, c), ref_objective)
         ref_loss.backward()
-        apply_tensor_parallel(model, ctx)
+        apply_tensor_parallel(model, ctx, objective)
         loss = _loss(lambda x, c, m=model: m(x, c), objective)
         loss.backward()
         info = tp_info(model)
@@ -104,13 +102,14 @@ def _tp2_job(rank, world, tmp):
     shard = VocabShard.of(V, rank, world, tp_info(model).group)
     loc = logits[..., shard.start:shard.start + shard.width].clone().requires_grad_(True)
     vals = values.clone().requires_grad_(True)
-    gath, lse = vocab_parallel_gather_lse(loc, index, MASK, shard=shard)
-    e = vocab_parallel_softmax_expectation(loc, vals, MASK, shard=shard)
+    vp = reader(shard)
+    gath, lse = vp.gather_lse(loc, index, MASK)
+    e = vp.softmax_expectation(loc, vals, MASK)
     ((gath[..., 0] - lse).sum() + 0.3 * lse.sum() + e.sum()).backward()
     out["vocab"] = {"gathered": gath.detach(), "lse": lse.detach(), "expectation": e.detach(),
                     "grad_local": loc.grad, "grad_values": vals.grad, "start": shard.start, "width": shard.width}
-    # the installed dispatch sends full-width logits to the single-device implementation
-    out["dispatch_full"] = logprob.target_logprob(logits, index[..., 0], MASK)
+    # the rank's reader reads full-width logits (gathered ones, another model's) like the single-device one
+    out["dispatch_full"] = vp.target_logprob(logits, index[..., 0], MASK)
     # --- dropout randomness -----------------------------------------------------------------------------------
     out["rng"] = _rng_checks(ctx, rank)
     # --- checkpoints: this job writes TP=2, reads what the parent wrote at TP=1 --------------------------------
@@ -144,11 +143,11 @@ def _tp2_job(rank, world, tmp):
 def _trained(ctx, steps):
     """A Mamba model (mixed split/replicated tensors) with AdamW after ``steps`` steps; TP if ctx.tp_size > 1."""
     model = _model("dimamba", "mdlm")
+    objective = _objective("mdlm")
     if ctx is not None and ctx.tp_size > 1:
         from mdtrain.parallel.tensor_parallel import apply_tensor_parallel
-        apply_tensor_parallel(model, ctx)
+        apply_tensor_parallel(model, ctx, objective)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    objective = _objective("mdlm")
     for _ in range(steps):
         _loss(lambda x, c: model(x, c), objective).backward()
         opt.step()
@@ -169,14 +168,15 @@ def _rng_checks(ctx, rank):
     grads = []
     for ckpt in (False, True):
         model = _model("dit", "md4", dropout=0.3)  # md4: attention dropout inside the TP region, channel dropout
-        apply_tensor_parallel(model, ctx)
+        objective = _objective("md4")
+        apply_tensor_parallel(model, ctx, objective)
         if ckpt:
             wrap_blocks(model, checkpoint=True)
         seen = []
         model.final_norm.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
         model.train()
         torch.manual_seed(1000 + 17 * rank)  # as if seeded per global rank
-        _loss(lambda x, c: model(x, c), _objective("md4")).backward()
+        _loss(lambda x, c: model(x, c), objective).backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
         both = [torch.empty_like(seen[0]) for _ in range(2)]
         dist.all_gather(both, seen[0])

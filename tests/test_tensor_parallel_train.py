@@ -77,6 +77,18 @@ def ref(tmp_path_factory):
     return tmp
 
 
+@pytest.fixture(scope="module")
+def tp_runs(ref):
+    """``tp_runs(engine)``: the dp=2 x tp=2 runs of ``_job`` (each made once, by whichever test needs it first)."""
+    done = {}
+
+    def get(engine):
+        if engine not in done:
+            done[engine] = run_distributed(_job, 4, engine, ref, timeout=560)
+        return done[engine]
+    return get
+
+
 def _close(a, b, what):
     for s in sorted(b):
         for key in ("loss", "grad_norm"):
@@ -84,8 +96,8 @@ def _close(a, b, what):
 
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
-def test_dp2_tp2_trains_like_one_process_and_resumes(ref, engine):
-    results = run_distributed(_job, 4, engine, ref, timeout=560)
+def test_dp2_tp2_trains_like_one_process_and_resumes(ref, tp_runs, engine):
+    results = tp_runs(engine)
     seen = [r[0] for r in results]
     want = _rows(os.path.join(ref, "ref"))
     got = _rows(os.path.join(ref, f"{engine}-a"))
@@ -96,7 +108,7 @@ def test_dp2_tp2_trains_like_one_process_and_resumes(ref, engine):
     assert ev["nll"] == pytest.approx(ev_want["nll"], rel=2e-5)
     # export: the engine's consolidated EMA weights (single-device names, full shapes) are what one process reads
     # back from the TP checkpoint
-    from mdtrain.trainer import load_for_inference
+    from mdtrain.inference import load_for_inference
     exported = load_for_inference(os.path.join(ref, f"{engine}-a"), use_ema=True).model.state_dict()
     weights = results[0][1]
     assert sorted(weights) == sorted(exported)
@@ -116,12 +128,11 @@ def test_dp2_tp2_trains_like_one_process_and_resumes(ref, engine):
         assert not (seen[0][step] == seen[2][step]).all()
 
 
-def test_tp2_checkpoint_resumes_in_one_process(ref):
+def test_tp2_checkpoint_resumes_in_one_process(ref, tp_runs):
     """The dp2 x tp2 DDP run's step-2 checkpoint, resumed by one plain process, gives the reference's step 3."""
+    tp_runs("ddp")
     run = os.path.join(ref, "from-tp2")
     src = os.path.join(ref, "ddp-a", "checkpoints", "step_00000002")
-    if not os.path.isdir(src):
-        pytest.skip("needs the ddp run of test_dp2_tp2_trains_like_one_process_and_resumes")
     shutil.copytree(src, os.path.join(run, "checkpoints", "step_00000002"))
     _train(BASE + [f"train.run_dir={run}"])
     _close(_rows(run), {3: _rows(os.path.join(ref, "ref"))[3]}, "tp2 -> tp1 resume")
@@ -133,13 +144,12 @@ def _resume_one_rank(rank, world, args):
     _train(args)
 
 
-def test_zero_tp2_checkpoint_resumes_at_tp1(ref):
+def test_zero_tp2_checkpoint_resumes_at_tp1(ref, tp_runs):
     """The dp2 x tp2 ZeRO-2 run's step-2 checkpoint (weights, AdamW moments and EMA re-laid-out through DeepSpeed's
     universal format) resumed by one ZeRO-2 rank without TP gives the reference's step 3 and final eval."""
+    tp_runs("deepspeed")
     run = os.path.join(ref, "zero-from-tp2")
     src = os.path.join(ref, "deepspeed-a", "checkpoints", "step_00000002")
-    if not os.path.isdir(src):
-        pytest.skip("needs the deepspeed run of test_dp2_tp2_trains_like_one_process_and_resumes")
     shutil.copytree(src, os.path.join(run, "checkpoints", "step_00000002"))
     args = BASE + ["parallel.engine=deepspeed", "parallel.zero_stage=2", f"train.run_dir={run}"]
     run_distributed(_resume_one_rank, 1, args, timeout=300)  # its own process: DeepSpeed keeps global state

@@ -160,7 +160,7 @@ def test_metrics_rows_eval_json_sample_and_export_round_trip(tmp_path):
     # export, reload without the trainer, and compare logits with the checkpoint's EMA model
     mdtrain("export", run, "--out", exp)
     from mdtrain.exported import load_exported
-    from mdtrain.trainer import load_for_inference
+    from mdtrain.inference import load_for_inference
     a, b = load_exported(exp), load_for_inference(run)
     x = torch.randint(0, a.tokenizer.vocab_size - 1, (2, 32))
     with torch.no_grad():
@@ -204,13 +204,13 @@ def test_wandb_offline_run_continues_with_the_same_id_after_resume(tmp_path):
 
 def test_generative_perplexity_matches_a_float64_recomputation(tmp_path):
     from mdtrain.evaluate import generative_perplexity, unigram_entropy
-    from mdtrain.trainer import load_for_inference
+    from mdtrain.inference import load_for_inference
     run = str(tmp_path / "ar")
     mdtrain("train", *TINY, "model.name=causal", "objective.name=ar", "train.steps=2", f"train.run_dir={run}")
     b = load_for_inference(run)
     alpha = b.tokenizer.alphabet  # the synthetic source's characters
     texts = [alpha[:6], alpha[2:5] * 3]
-    got = generative_perplexity(texts, run, batch_size=1)
+    got = generative_perplexity(texts, b, batch_size=1)
     tok, nll, n = b.tokenizer, 0.0, 0
     for t in texts:  # independent: full forward, float64 log-softmax without the mask class (MDLM's AR), shift
         ids = torch.tensor([[tok.bos_id] + tok.encode(t) + [tok.eos_id]])

@@ -100,7 +100,7 @@ class Backbone(nn.Module):
         if self.final_adaLN is not None:
             shift, scale = self.final_adaLN(c)[:, None].chunk(2, dim=-1)
             h = modulate(h, shift, scale)
-        return self.head(h).float()  # log-softmax downstream wants fp32 (mdlm.md §4.4)
+        return self.head(h).float()  # log-softmax downstream wants fp32, never bf16 logits
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,14 +2,14 @@
 
 | flavor  | layers | d_model | heads | cond | notes                                                                  |
 |---------|-------:|--------:|------:|-----:|------------------------------------------------------------------------|
-| debug   |      2 |      64 |     4 |   32 | a CPU training step in well under a second                             |
-| tiny    |      8 |     512 |     8 |  128 | MDLM tiny: 80.1M parameters with V = 50258 (mdlm.md §7.2)              |
+| debug   |      2 |      64 |     4 |   32 | CPU-sized; one step 0.05-0.3 s (bench/model_step_cpu.py)               |
+| tiny    |      8 |     512 |     8 |  128 | MDLM tiny: 80.1M parameters with V = 50258                             |
 | small   |     12 |     768 |    12 |  128 | MDLM small: 169.6M; causal 162.2M; md4 variant 165.9M (MD4-S)          |
 | medium  |     24 |    1024 |    16 |  128 | MDLM medium: 424.5M; md4 variant 416.2M (MD4-M)                        |
 | large   |     36 |    1280 |    20 |  128 | GPT-2-large shape (ours; neither paper trains it): 872.9M at V = 50258 |
 
 The ``ladder-<N>M`` flavors are a scaling-sweep grid: the (layers, width, heads) shapes of SMDM's
-``Diff_LLaMA_*`` table (anchors.md §C.1: 6M..2,121M there; depth varied at fixed width and width at fixed depth),
+``Diff_LLaMA_*`` table (Nie et al. 2025, arXiv 2410.18514: 6M..2,121M there; depth varied at fixed width and width at fixed depth),
 named here by *our* non-embedding parameter count N (no input embedding, no output head, adaLN included) of the
 DiT with the mdlm variant and cond 128, in millions (6M..1.6B). N is what a sweep uses in C = 6·N·D. The md4
 variant (GLU, cond = head dim) comes out a few percent smaller at the same shape; ``count_params`` gives the exact

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Variant:
-    """Everything that differs between MDLM's DiT (mdlm.md §7.1) and MD4's transformer (md4.md §5.1)."""
+    """Everything that differs between MDLM's DiT (kuleshov-group/mdlm models/dit.py) and MD4's transformer (google-deepmind/md4
+    networks/transformer.py)."""
     name: str
     norm_affine: bool      # LayerNorm with a learnable scale (MDLM) or parameter-free (MD4); never a bias
     glu: bool              # MLP: GELU-tanh 4x (MDLM) or w2(sigmoid(w1 x) * w3 x) with hidden 8d/3 (MD4)
@@ -39,7 +40,7 @@ VARIANTS = {
 class LayerNorm(nn.Module):
     """Bias-free LayerNorm computed in fp32 with autocast off; optional scale.
 
-    Returns the input's dtype: fp32 under autocast, where the residual stream stays fp32 (mdlm.md §4.4), and bf16
+    Returns the input's dtype: fp32 under autocast, where the residual stream stays fp32 (as in MDLM's DiT), and bf16
     when the parameters and activations are bf16 without autocast (FSDP's param_dtype=bf16).
     """
 
@@ -75,8 +76,8 @@ def branch_dropout(x: torch.Tensor, p: float, training: bool, channelwise: bool)
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of the scalar time conditioning -> Linear -> SiLU -> Linear.
 
-    mdlm (mdlm.md §7.1): 256 features [cos, sin], frequencies exp(-ln(1e4) k / 128), Linear(256, c), Linear(c, c).
-    md4 (md4.md §5.1): c features [sin, cos] of t*1000, frequencies exp(-ln(1e4) k / (c/2 - 1)), Linear(c, 4c),
+    mdlm (MDLM's TimestepEmbedder): 256 features [cos, sin], frequencies exp(-ln(1e4) k / 128), Linear(256, c), Linear(c, c).
+    md4 (MD4's CondEmbedding): c features [sin, cos] of t*1000, frequencies exp(-ln(1e4) k / (c/2 - 1)), Linear(c, 4c),
     Linear(4c, c).
     """
 
@@ -153,7 +154,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def init_linear(layer: nn.Linear, variant: Variant, scale: float = 1.0) -> None:
     """PyTorch's default Linear init for mdlm (what MDLM uses); for md4 Flax's truncated-normal fan-in variance
-    scaling (LeCun normal; the MLP uses scale 2/n_layers, md4.md §5.1)."""
+    scaling (LeCun normal; the MLP uses scale 2/n_layers, as MD4's transformer)."""
     if variant.name == "md4":
         std = math.sqrt(scale / layer.in_features) / 0.87962566103423978  # truncated-normal std correction
         nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)

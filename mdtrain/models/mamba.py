@@ -6,7 +6,7 @@ on CUDA; otherwise on ``ssd_scan_torch``, a chunked pure-PyTorch implementation 
 
     h_t = exp(dt_t * A) h_{t-1} + dt_t * x_t B_t^T,      y_t = h_t C_t        (per head; D x_t added outside)
 
-Like Caduceus' BiMamba (mdlm.md §7.4) the two directions share ``in_proj`` and ``out_proj``; each has its own
+Like Caduceus' BiMamba (Schiff et al. 2024; MDLM's models/dimamba.py) the two directions share ``in_proj`` and ``out_proj``; each has its own
 conv1d, dt_bias, A_log, D and gated-RMSNorm weight. Padded positions (mask False) are made invisible to both
 directions: their conv inputs are zero and their dt is zero, so the state passes through them unchanged.
 """

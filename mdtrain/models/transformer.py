@@ -47,7 +47,7 @@ class TransformerBlock(nn.Module):
         d, v = dims.d_model, dims.variant
         self.variant, self.dropout = v, dims.dropout
         self.norm1 = LayerNorm(d, v.norm_affine)
-        # MDLM has no attention-probability dropout; MD4 has (md4.md §5.1)
+        # MDLM has no attention-probability dropout; MD4 has (its networks/transformer.py)
         self.attn = SelfAttention(d, dims.head_dim, causal, dims.dropout if v.channel_dropout else 0.0,
                                   dims.attention)
         self.norm2 = LayerNorm(d, v.norm_affine)

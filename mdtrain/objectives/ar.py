@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from mdtrain.objectives.base import Objective, valid_mask
-from mdtrain.objectives.logprob import target_logprob
 
 
 class AR(Objective):
@@ -22,7 +21,7 @@ class AR(Objective):
     def token_nll(self, logits, x0, attention_mask=None):
         """−log p(x_{i+1} | x_{≤i}) for logits computed on x0[:, :-1]; (B, L−1), 0 where the target is invalid."""
         valid = valid_mask(x0, attention_mask)[:, 1:]
-        logp = target_logprob(logits, x0[:, 1:], self.mask_id)
+        logp = self.logprob.target_logprob(logits, x0[:, 1:], self.mask_id)
         return torch.where(valid, -logp, torch.zeros((), dtype=logp.dtype, device=logp.device)), valid
 
     def loss(self, model_fn, x0, attention_mask=None, generator=None, noise=None):

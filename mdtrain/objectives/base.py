@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_in [B,L] long, cond [B] float) -> logits [B,L,V]
+from mdtrain.objectives.logprob import LOCAL, LogitsReader
+from mdtrain.objectives.protocol import ModelFn
+
 
 
 def draw_noise(spec: dict, batch_size: int, generator: Optional[torch.Generator] = None,
@@ -62,6 +64,8 @@ class Objective(nn.Module, abc.ABC):
             raise ValueError(f"mask_id={mask_id} must be a class of the vocabulary (vocab_size={vocab_size} "
                              "counts the mask token)")
         self.vocab_size, self.mask_id = vocab_size, mask_id
+        # how this objective reads its network's logits (tensor parallelism gives it a reader of one rank's columns)
+        self.logprob: LogitsReader = LOCAL
         self.time_conditioning = bool(settings["time_conditioning"])
 
     # --- noise -------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from mdtrain.configtools import ConfigError, doc
 OBJECTIVE_NAMES = ("mdlm", "md4", "genmd4", "d3pm", "sedd", "ar")
 SAMPLER_NAMES = ("auto", "ddpm", "ddpm_cache", "ancestral", "analytic", "ar")
 
-# Per-objective conventions (mdlm.md §9, md4.md §0/§3): schedule, sampling_eps (GenMD4: t1), T, time conditioning.
+# Per-objective conventions (MDLM's configs/config.yaml; MD4's and GenMD4's configs/openwebtext.py and Shi et al. 2024,
+# §4 and App. F): schedule, sampling_eps (GenMD4: t1), T, time conditioning.
 _DEFAULTS = {
     "mdlm": dict(schedule="loglinear", sampling_eps=1e-3, T=0, time_conditioning=False),
     "md4": dict(schedule="md4_linear", sampling_eps=0.0, T=0, time_conditioning=True),

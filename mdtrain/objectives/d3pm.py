@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from mdtrain.objectives.base import MaskedObjective, valid_mask
-from mdtrain.objectives.logprob import gather_lse, target_logprob
 
 
 class D3PM(MaskedObjective):
@@ -32,7 +31,7 @@ class D3PM(MaskedObjective):
         valid = valid_mask(x0, attention_mask)
         sel = (xt == self.mask_id) & valid
         index = torch.stack([x0, torch.full_like(x0, self.mask_id)], dim=-1)
-        g, lse = gather_lse(logits, index, self.suppress_id)
+        g, lse = self.logprob.gather_lse(logits, index, self.suppress_id)
         # The KL arithmetic is done in float64 on (B, L) tensors: 1/(1−α_s) is huge near s = 0.
         f64 = torch.float64
         zero = torch.zeros((), dtype=f64, device=lse.device)
@@ -51,7 +50,7 @@ class D3PM(MaskedObjective):
         per_token = torch.where(sel, self.T * kl, zero).to(lse.dtype)
         zero = zero.to(lse.dtype)
         if recon_logits is not None:
-            rec = target_logprob(recon_logits, x0, self.suppress_id)
+            rec = self.logprob.target_logprob(recon_logits, x0, self.suppress_id)
             per_token = per_token - torch.where(valid, rec, zero)
         return per_token
 

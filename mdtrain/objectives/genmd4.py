@@ -17,7 +17,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from mdtrain.objectives.base import MaskedObjective, valid_mask
-from mdtrain.objectives.logprob import softmax_expectation, target_logprob
 
 
 class GenMD4Schedule(nn.Module):
@@ -73,10 +72,10 @@ class GenMD4(MaskedObjective):
         logits and in w (pathwise part)."""
         sel = (xt == self.mask_id) & valid
         w = self.schedule.power
-        logp = target_logprob(logits, x0, self.mask_id)
+        logp = self.logprob.target_logprob(logits, x0, self.mask_id)
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
         logp = torch.where(sel, logp, zero)
-        e_w = softmax_expectation(logits, w, self.mask_id)
+        e_w = self.logprob.softmax_expectation(logits, w, self.mask_id)
         inv_t = (1 / t.to(torch.float64)).to(logp.dtype)[:, None]
         return torch.where(sel, -inv_t * (w[x0] * (logp + 1) - e_w), zero)
 

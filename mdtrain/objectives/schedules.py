@@ -282,10 +282,6 @@ _MD4_FIXED = {"md4_linear": MD4Linear, "md4_cosine": MD4Cosine}
 NAMES = tuple(_MDLM) + tuple(_SIGMA) + tuple(_MD4_FIXED) + ("md4_polyK",)
 
 
-def is_md4_family(name: str) -> bool:
-    return name.startswith("md4_")
-
-
 def build_schedule(name: str, eps: float | None = None, sigma_min: float | None = None,
                    sigma_max: float | None = None) -> Schedule:
     """A schedule by name; ``None`` parameters take the schedule's own default (MDLM ε = 1e-3, MD4 ε = 1e-4,

@@ -14,7 +14,6 @@ import math
 import torch
 
 from mdtrain.objectives.base import MaskedObjective, valid_mask
-from mdtrain.objectives.logprob import gather_lse
 
 
 class SEDD(MaskedObjective):
@@ -23,7 +22,7 @@ class SEDD(MaskedObjective):
     def nelbo(self, logits, x0, xt, t, attention_mask=None):
         valid = valid_mask(x0, attention_mask)
         sel = (xt == self.mask_id) & valid
-        g, lse = gather_lse(logits, x0.unsqueeze(-1), self.mask_id)
+        g, lse = self.logprob.gather_lse(logits, x0.unsqueeze(-1), self.mask_id)
         zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
         logp = torch.where(sel, g.squeeze(-1) - lse, zero)
         a = torch.where(sel, lse - math.log(self.vocab_size - 1), zero)

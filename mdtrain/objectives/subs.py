@@ -12,7 +12,6 @@ import math
 import torch
 
 from mdtrain.objectives.base import MaskedObjective, valid_mask
-from mdtrain.objectives.logprob import target_logprob
 from mdtrain.objectives.schedules import importance_sampling_weight
 
 
@@ -31,7 +30,7 @@ class SubsObjective(MaskedObjective):
     def nelbo(self, logits, x0, xt, t, attention_mask=None):
         valid = valid_mask(x0, attention_mask)
         sel = (xt == self.mask_id) & valid
-        logp = target_logprob(logits, x0, self.mask_id)
+        logp = self.logprob.target_logprob(logits, x0, self.mask_id)
         logp = torch.where(sel, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))  # −∞ meets no weight
         per_token = -logp * self.weight(t.to(torch.float64)).to(logp.dtype)[:, None]
         recon = self.recon_per_token()

@@ -20,6 +20,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from mdtrain.configtools import ConfigError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DistContext", "LaunchEnv", "init_distributed", "parse_launch_env", "first_slurm_host",
@@ -158,8 +160,14 @@ class DistContext:
 _CTX: Optional[DistContext] = None
 
 
-def _pick_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
+def _pick_device(local_rank: int, device: str = "auto") -> torch.device:
+    """cuda:LOCAL_RANK (modulo the GPUs visible) for ``auto`` on a CUDA machine and for ``cuda``; else the CPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but torch sees no CUDA device on this machine (torch.cuda.is_available() "
+                          "is False); use train.device=auto or cpu")
+    if device != "cpu" and torch.cuda.is_available():
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
         return dev
@@ -189,36 +197,40 @@ def _context_from_group(device: torch.device, tp: int, local_rank: int, launcher
                        backend=dist.get_backend(), launcher=launcher, mesh=mesh, owns_group=owns)
 
 
-def init_distributed(backend: str = "auto", tp: int = 1, argv: Optional[Sequence[str]] = None) -> DistContext:
+def init_distributed(backend: str = "auto", tp: int = 1, argv: Optional[Sequence[str]] = None,
+                     device: str = "auto") -> DistContext:
     """Join the job this process was launched into (see the module docstring); safe to call twice.
 
-    ``argv`` defaults to ``sys.argv[1:]`` (read only for the deepspeed launcher's ``--local_rank``)."""
+    ``device``: auto (cuda:LOCAL_RANK when CUDA is available, else the CPU), cpu or cuda. ``argv`` defaults to
+    ``sys.argv[1:]`` (read only for the deepspeed launcher's ``--local_rank``)."""
     global _CTX
     if _CTX is not None:
         if _CTX.tp_size != tp:
             raise RuntimeError(f"init_distributed was already called with tp={_CTX.tp_size}, now tp={tp}")
+        if device != "auto" and _CTX.device.type != device:
+            raise RuntimeError(f"init_distributed was already called for {_CTX.device}, now device={device}")
         return _CTX
     env = os.environ
     launch = parse_launch_env(env, sys.argv[1:] if argv is None else argv)
     if dist.is_available() and dist.is_initialized():  # someone (a test harness, a notebook) made the group
         local = launch.local_rank if launch else int(env.get("LOCAL_RANK", 0))
-        _CTX = _context_from_group(_pick_device(local), tp, local, launch.launcher if launch else "external",
+        _CTX = _context_from_group(_pick_device(local, device), tp, local, launch.launcher if launch else "external",
                                    owns=False)
         return _CTX
     if launch is None:
         if tp != 1:
             raise RuntimeError(f"parallel.tp={tp} needs {tp} processes; start the run with torchrun, the deepspeed "
                                f"launcher or srun")
-        _CTX = DistContext(device=_pick_device(0))
+        _CTX = DistContext(device=_pick_device(0, device))
         return _CTX
     for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
                        ("MASTER_ADDR", launch.master_addr), ("MASTER_PORT", launch.master_port)):
         if value is not None:  # env:// reads these; DeepSpeed insists on LOCAL_RANK
             os.environ.setdefault(key, str(value))
-    device = _pick_device(launch.local_rank)
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(_backend_for(device, backend), rank=launch.rank, world_size=launch.world_size, **kwargs)
-    _CTX = _context_from_group(device, tp, launch.local_rank, launch.launcher, owns=True)
+    dev = _pick_device(launch.local_rank, device)
+    kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    dist.init_process_group(_backend_for(dev, backend), rank=launch.rank, world_size=launch.world_size, **kwargs)
+    _CTX = _context_from_group(dev, tp, launch.local_rank, launch.launcher, owns=True)
     if _CTX.is_main:
         log.info("distributed: %d ranks (%s launcher, backend %s, mesh dp=%d x tp=%d)", _CTX.world_size,
                  launch.launcher, _CTX.backend, _CTX.dp_size, _CTX.tp_size)

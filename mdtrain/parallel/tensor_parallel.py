@@ -1,16 +1,16 @@
 """Tensor parallelism for mdtrain's single-device backbones, applied from outside with Megatron-core's layers and
 process groups.
 
-``apply_tensor_parallel(model, ctx)`` replaces, in place and under the same parameter names:
+``apply_tensor_parallel(model, ctx, objective)`` replaces, in place and under the same parameter names:
 
 * DiT / causal attention: ``qkv`` column-parallel (whole heads per rank: the qkv rows are laid out per head),
   ``out`` row-parallel; MLP: ``fc1`` (and md4's ``gate``) column-parallel, ``fc2`` row-parallel;
 * every adaLN modulation (per block and before the head): column-parallel, output gathered (the residual stream
   is replicated, so every rank needs all shifts, scales and gates);
 * the token embedding (``VocabParallelEmbedding``) and the output head: split along the vocabulary; the head
-  returns this rank's logit columns only, and the objectives' logits reader (``objectives/logprob.py``) is
-  switched to the vocab-parallel versions in ``tensor_parallel_vocab`` (exact SUBS: the mask logit suppressed
-  on the rank that owns it), so training never gathers the full logits;
+  returns this rank's logit columns only, and the objective that reads them gets a reader of those columns
+  (``tensor_parallel_vocab.reader``; exact SUBS: the mask logit suppressed on the rank that owns it), so training
+  never gathers the full logits;
 * Mamba: ``in_proj`` split by SSM heads (z, x and dt rows; the B/C rows are shared by all heads, so they stay
   replicated, with their gradients summed over TP ranks), each direction's conv channels, dt_bias, A_log, D and
   gated-norm weight split with the heads (the norm's mean over d_inner is all-reduced), ``out_proj`` row-parallel.
@@ -41,7 +41,9 @@ from mdtrain.models.layers import MLP
 from mdtrain.models.mamba import BiMamba, SSMDirection
 from mdtrain.models.transformer import SelfAttention
 from mdtrain.parallel.tensor_parallel_layout import ModelLayout, model_problems
-from mdtrain.parallel.tensor_parallel_vocab import VocabShard, gather_vocab_logits, install
+from mdtrain.objectives.protocol import make_model_fn
+from mdtrain.parallel.tensor_parallel_vocab import VocabShard, gather_vocab_logits
+from mdtrain.parallel.tensor_parallel_vocab import reader as vocab_reader
 
 log = logging.getLogger(__name__)
 
@@ -343,13 +345,14 @@ def _mark_split(module: nn.Module, layout: ModelLayout, tp: int) -> None:
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, layout.tensors[name].dim, 1
 
 
-def apply_tensor_parallel(model: nn.Module, ctx) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, ctx, objective) -> nn.Module:
     """Split ``model`` (a single-device mdtrain backbone, weights already final) over ``ctx.tp_size`` ranks in place.
 
     Parameter names stay those of the single-device model, plus ``bc_weight`` / ``bc_bias`` beside Mamba's
     ``in_proj`` and convs (their replicated B/C parts). The model's forward returns this rank's vocabulary
-    columns of the logits; ``sampling_model_fn`` gathers them. Call before activation checkpointing, compile and
-    the data-parallel engine (the trainer does)."""
+    columns of the logits, so ``objective`` (the one that will read them) gets a reader of those columns;
+    ``sampling_model_fn`` gathers full logits. Call before activation checkpointing, compile and the data-parallel
+    engine (the trainer does)."""
     tp = ctx.tp_size
     if tp == 1:
         return model
@@ -404,7 +407,7 @@ def apply_tensor_parallel(model: nn.Module, ctx) -> nn.Module:
     _mark_split(model, layout, tp)
     model._mdtrain_tp = TPInfo(size=tp, rank=rank, group=tp_group, dp_group=dp_group, layout=layout, vocab=shard,
                                dropout=model.dims.dropout)
-    install(shard)
+    objective.logprob = vocab_reader(shard)
     model.register_forward_pre_hook(_sync_replicated_rng)
     if ctx.is_main:
         log.info("tensor parallel: %d ranks, vocabulary %d split as %d per rank", tp, vocab, shard.padded)
@@ -449,7 +452,6 @@ def sampling_model_fn(model: nn.Module):
     ranks), with ``decode_step`` for causal models; what samplers need. Training and eval read the shards."""
     info = tp_info(model)
     if info is None:
-        from mdtrain.exported import make_model_fn
         return make_model_fn(model)
 
     def model_fn(x, cond=None, attention_mask=None):

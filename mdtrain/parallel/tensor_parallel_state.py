@@ -139,12 +139,6 @@ def full_state_dict(module: torch.nn.Module, info) -> Tensors:
     return gather_full(module.state_dict(), info.layout, info.group)
 
 
-@torch.no_grad()
-def load_full_state_dict(module: torch.nn.Module, full: Mapping[str, torch.Tensor], info) -> None:
-    """Cut this rank's pieces out of a single-device state dict and load them."""
-    module.load_state_dict(info.layout.shard_state_dict(full, info.rank, info.size), strict=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoint keys
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from launch.config import LaunchConfig
+from mdtrain.launch.config import LaunchConfig
 from mdtrain.config import Config, read_yaml
 from mdtrain.configtools import ConfigError, doc, from_dict, parse_overrides, section, set_dotted, validate_tree
 from mdtrain.objectives.config import OBJECTIVE_NAMES
@@ -72,14 +72,14 @@ class SweepConfig:
                                           "every cell and refused here")
     executor: str = doc("inprocess", "how cells run: inprocess (one after another in this process), subprocess "
                         "(`python -m mdtrain train`, sweep.parallel at once), local (submitit LocalExecutor through "
-                        "launch/slurm.py, sweep.parallel at once), slurm (one job array through launch/slurm.py)",
+                        "mdtrain/launch/slurm.py, sweep.parallel at once), slurm (one job array through mdtrain/launch/slurm.py)",
                         choices=EXECUTORS)
     parallel: int = doc(1, "subprocess / local: cells running at once")
     threads: int = doc(0, "inprocess / subprocess: torch threads per cell (tiny CPU models run best with 1); "
                        "0 = torch's default. local / slurm use sweep.launch.cpus_per_task")
     wait: bool = doc(True, "slurm: wait for the job array, then collect and fit; false returns after submitting "
                      "(run the `collect` action later)")
-    launch: LaunchConfig = section(LaunchConfig, "local / slurm resources of each cell's job (launch/config.py); "
+    launch: LaunchConfig = section(LaunchConfig, "local / slurm resources of each cell's job (mdtrain/launch/config.py); "
                                    "folder defaults to SWEEP_OUT/submitit")
     fit: FitOptions = section(FitOptions, "analysis options of the `fit` action")
 

@@ -131,7 +131,7 @@ def do_plan(sw: Sweep) -> int:
     print(plan_table(sw))
     todo = [c for c in sw.plan.cells if cell_status(c)[0] != "done"]
     if sw.sweep.executor in ("slurm", "local") and todo:
-        from launch import slurm as launcher
+        from mdtrain.launch import slurm as launcher
         write_base(sw)
         cluster = "slurm" if sw.sweep.executor == "slurm" else "local"
         print(f"\n# {sw.sweep.executor}: the {len(todo)} unfinished cell(s) would be submitted as:")
@@ -175,7 +175,9 @@ def _tail(path: str, n: int = 15) -> str:
 def run_inprocess(cell: Cell, threads: int = 0) -> bool:
     """Train one cell in this process (resuming when it has checkpoints); its output goes to RUN_DIR/train.log."""
     import torch
-    from mdtrain.trainer import Trainer
+
+    from mdtrain import signals
+    from mdtrain.trainer import run
     lock = lock_cell(cell)
     if lock is None:
         print(f"  {cell.name} is being trained by another process (its .lock is held): skipped", flush=True)
@@ -188,11 +190,11 @@ def run_inprocess(cell: Cell, threads: int = 0) -> bool:
     try:
         with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
-                trainer = Trainer(cell.cfg)
-                try:
-                    status = trainer.fit()
-                finally:
-                    trainer.close()
+                run(cell.cfg)
+                status = "done"
+            except signals.Preempted:  # checkpointed: the driver stops too, and a re-run resumes the cell
+                status = "preempted"
+                raise
             except Exception:  # noqa: BLE001 - one failed cell must not stop the sweep; the log has the trace
                 traceback.print_exc()
     finally:
@@ -245,7 +247,7 @@ def run_submitit(sw: Sweep, cells: list[Cell], on_done) -> tuple[list[str], list
     """Cells as submitit jobs through the launcher: LocalExecutor waves of ``sweep.parallel``, or one SLURM array.
 
     Returns (failed cell names, the jobs still running when not waiting)."""
-    from launch import slurm as launcher
+    from mdtrain.launch import slurm as launcher
     changes = _launch_changes(sw)
     if sw.sweep.executor == "slurm":
         jobs = launcher.submit(_specs(sw, cells), "slurm", **changes)

@@ -1,4 +1,4 @@
-"""Float64 categorical draws (the float32 Gumbel pitfall, mdlm.md §5.1 / md4.md §4) and nucleus filtering."""
+"""Float64 categorical draws (the float32 Gumbel pitfall: Zheng et al. 2024, §4) and nucleus filtering."""
 from __future__ import annotations
 
 import math

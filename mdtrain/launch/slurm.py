@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import submitit
 
-from launch.config import LaunchConfig, time_minutes
+from mdtrain.launch.config import LaunchConfig, time_minutes
 from mdtrain.configtools import ConfigError
 
 __all__ = ["TrainJob", "JobSpec", "submit", "wait", "sbatch_script", "slurm_parameters", "main"]
@@ -38,8 +38,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     1. submitit starts every task with its own USR2 handler ("call ``checkpoint()``, requeue the job, exit").
        SLURM sends USR2 ``launch.signal_delay_s`` before the time limit (``sbatch --signal``); so does
        ``job._interrupt()``, after a SIGTERM, to simulate a preemption.
-    2. ``__call__`` keeps that handler aside and runs ``mdtrain train``, whose ``signals.install()`` routes USR2 and
-       SIGTERM to a stop flag instead. At the next step boundary all ranks agree on the flag, save a checkpoint
+    2. ``__call__`` keeps that handler aside and trains (``mdtrain.trainer.run``), whose ``signals.install()`` routes
+       USR2 and SIGTERM to a stop flag instead. At the next step boundary all ranks agree on the flag, save a checkpoint
        together, and ``mdtrain train`` raises ``signals.Preempted``.
     3. Only then, and only if USR2 arrived, rank 0 calls submitit's handler it kept aside: ``checkpoint()``
        (resubmit this same object: the progress lives in ``RUN_DIR/checkpoints``, not in the pickle), then
@@ -75,9 +75,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
         requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue (step 1)
-        from mdtrain import cli, signals
+        from mdtrain import signals
+        from mdtrain.errors import USER_ERRORS, one_line
+        from mdtrain.trainer import run
+        config, overrides = self.config_and_overrides()
         try:
-            rc = cli.main(self.argv)
+            run(config, overrides)
         except signals.Preempted:
             if "SIGUSR2" in signals.received() and callable(requeue_handler):
                 if job.global_rank == 0:
@@ -86,10 +89,17 @@ class TrainJob(submitit.helpers.Checkpointable):
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM ends us at once
                     time.sleep(self.wait_for_requeue_s)
             raise
-        if rc:
-            raise RuntimeError(f"`mdtrain {shlex.join(self.argv)}` exited with status {rc} on rank "
-                               f"{job.global_rank}; its messages are in this task's log")
+        except USER_ERRORS as e:
+            print(one_line("train", e), file=sys.stderr, flush=True)
+            raise RuntimeError(f"`mdtrain {shlex.join(self.argv)}` failed on rank {job.global_rank}: {e}") from None
         return {"rank": job.global_rank, "world_size": job.num_tasks, "argv": self.argv}
+
+    def config_and_overrides(self) -> tuple[Optional[str], list[str]]:
+        """``argv`` = ["train", CONFIG?, key=value...] as ``mdtrain.trainer.run``'s arguments."""
+        rest = self.argv[1:]
+        if rest and "=" not in rest[0]:
+            return rest[0], rest[1:]
+        return None, rest
 
     def __repr__(self) -> str:
         return f"TrainJob(mdtrain {shlex.join(self.argv)})"
@@ -207,10 +217,11 @@ def submit(specs: Sequence[JobSpec], cluster: str = "slurm", dry_run: bool = Fal
     name = opts.job_name or ("mdtrain-" + os.path.basename(planned[0].run_dir) if len(planned) == 1 else "mdtrain")
     jobs = [TrainJob(p.argv, os.getcwd(), opts.cpus_per_task) for p in planned]
     if dry_run:
+        requeues = f"# time-limit requeues allowed per job: {opts.max_requeues} (launch.max_requeues)\n"
         if cluster == "slurm":
-            return sbatch_script(slurm_parameters(opts, name), folder, len(jobs) if len(jobs) > 1 else None)
+            return sbatch_script(slurm_parameters(opts, name), folder, len(jobs) if len(jobs) > 1 else None) + requeues
         return "".join(f"LocalExecutor: {opts.tasks} task(s), each running `mdtrain {shlex.join(j.argv)}`; logs in "
-                       f"{folder}\n" for j in jobs)
+                       f"{folder}\n" for j in jobs) + requeues
     os.makedirs(base, exist_ok=True)
     ex = _executor(cluster, folder, opts, name)
     if len(jobs) == 1:

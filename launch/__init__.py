@@ -1,1 +1,0 @@
-"""Launchers: submitit/SLURM, scaling-law sweep jobs, deepspeed/torchrun/sbatch scripts."""
