@@ -277,3 +277,29 @@ def test_zero_shot_sets_are_scored_like_a_validation_split_and_foreign_tokenizer
             "--out", str(tmp_path / "bytes"))
     r = mdtrain("eval", run, f"eval.extra=[{tmp_path / 'bytes'}]", check=False)
     assert r.returncode == 1 and "tokenized with vocab_size" in r.stderr
+
+
+def test_throughput_counts_training_steps_only(tmp_path, monkeypatch):
+    """Evaluation (made to take 2 s here) and checkpoints between logged steps do not lower tokens/s: the window
+    measures the training steps alone, and each eval row reports its own time."""
+    import mdtrain.evaluate
+    from mdtrain.trainer import Trainer
+    real = mdtrain.evaluate.evaluate_splits
+
+    def slow(*a, **k):
+        time.sleep(2.0)
+        return real(*a, **k)
+    monkeypatch.setattr(mdtrain.evaluate, "evaluate_splits", slow)
+    cfg = load_config(None, [*TINY, "train.steps=3", "eval.every=1", "eval.batches=1", "checkpoint.every=1",
+                             f"train.run_dir={tmp_path}"])
+    t = Trainer(cfg)
+    try:
+        t.fit()
+    finally:
+        t.close()
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    train = [r for r in rows if "split" not in r]
+    evals = [r for r in rows if "split" in r]
+    tokens_per_step = 4 * 32
+    assert len(train) == 3 and all(r["tokens_per_s"] > tokens_per_step / 2.0 for r in train), train
+    assert len(evals) == 3 and all(r["seconds"] >= 2.0 for r in evals)
