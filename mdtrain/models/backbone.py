@@ -24,6 +24,8 @@ class ModelDims:
     attention: str
     mamba_backend: str
     mamba_d_state: int
+    image_shape: tuple = ()  # (H, W, C) of pixel-token data (the unet's layout); () otherwise
+    num_classes: int = 0     # class-conditional (unet): classes whose embedding joins the time embedding
 
     @property
     def head_dim(self) -> int:

@@ -4,13 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mdtrain.configtools import doc
+from mdtrain.configtools import ConfigError, doc
 
 
 @dataclass
 class ModelConfig:
-    name: str = doc("dit", "backbone: dit (bidirectional), causal (for ar), dimamba (bidirectional Mamba)",
-                    choices=("dit", "causal", "dimamba"))
+    name: str = doc("dit", "backbone: dit (bidirectional), causal (for ar), dimamba (bidirectional Mamba), unet "
+                           "(MD4's image U-Net over pixel tokens; flavor md4-cifar10; model.variant does not apply)",
+                    choices=("dit", "causal", "dimamba", "unet"))
     flavor: str = doc("debug", "size preset from the flavor registry (debug, tiny, small, medium, large, ladder-*)")
     variant: str = doc("mdlm", "block style: mdlm (GELU-tanh MLP 4x with biases, LayerNorm with learnable scale, "
                                "SiLU modulation, cond = sigma) or md4 (sigmoid-GLU MLP, parameter-free LayerNorm, "
@@ -29,7 +30,27 @@ class ModelConfig:
                                      "else pure PyTorch), triton (require the kernel), torch",
                              choices=("auto", "triton", "torch"))
     mamba_d_state: int = doc(64, "dimamba: SSM state size per head (Mamba-2 default 128)")
+    image_shape: list[int] = doc([], "image data ([H, W, C], pixels as tokens, H*W*C = data.seq_len; CIFAR-10: "
+                                     "[32, 32, 3]): the unet's layout; eval adds bits/dim and `mdtrain sample` "
+                                     "writes a PNG grid, for any backbone; [] = not images")
+    num_classes: int = doc(0, "unet: class-conditional training and sampling on the data's labels (`mdtrain "
+                              "prepare --images` keeps them); a class embedding joins the time embedding (MD4's "
+                              "classes); 0 = unconditional")
 
     def validate(self):
         from mdtrain.models.flavors import resolve
         resolve(self)  # unknown flavor, head-count and width mismatches fail here, before any work
+        if self.image_shape and (len(self.image_shape) != 3 or min(self.image_shape) < 1):
+            raise ConfigError(f"model.image_shape must be [H, W, C] with positive entries, got {self.image_shape}")
+        if self.num_classes < 0:
+            raise ConfigError(f"model.num_classes must be >= 0, got {self.num_classes}")
+        if self.name != "unet":
+            if self.num_classes:
+                raise ConfigError(f"model.num_classes={self.num_classes} (class-conditional) needs model.name=unet")
+            return
+        if not self.image_shape:
+            raise ConfigError("model.name=unet needs model.image_shape=[H,W,C] (CIFAR-10: [32,32,3])")
+        d = self.d_model if self.d_model is not None else resolve(self).d_model
+        if d % 32:
+            raise ConfigError(f"model.name=unet: its GroupNorms have 32 groups, so model.d_model={d} must be a "
+                              "multiple of 32")

@@ -7,10 +7,11 @@
 | small   |     12 |     768 |    12 |  128 | MDLM small: 169.6M; causal 162.2M; md4 variant 165.9M (MD4-S)          |
 | medium  |     24 |    1024 |    16 |  128 | MDLM medium: 424.5M; md4 variant 416.2M (MD4-M)                        |
 | large   |     36 |    1280 |    20 |  128 | GPT-2-large shape (ours; neither paper trains it): 872.9M at V = 50258 |
+| md4-cifar10 | 32 |     128 |     1 |  128 | unet: MD4's CIFAR-10 U-Net (32 res blocks per side, 128 channels), 28.4M |
 
 The ``ladder-<N>M`` flavors are a scaling-sweep grid: the (layers, width, heads) shapes of SMDM's
-``Diff_LLaMA_*`` table (Nie et al. 2025, arXiv 2410.18514: 6M..2,121M there; depth varied at fixed width and width at fixed depth),
-named here by *our* non-embedding parameter count N (no input embedding, no output head, adaLN included) of the
+``Diff_LLaMA_*`` table (Nie et al. 2025, arXiv 2410.18514: 6M..2,121M there; depth varied at fixed width and
+width at fixed depth), named here by *our* non-embedding parameter count N (no input embedding, no output head, adaLN included) of the
 DiT with the mdlm variant and cond 128, in millions (6M..1.6B). N is what a sweep uses in C = 6·N·D. The md4
 variant (GLU, cond = head dim) comes out a few percent smaller at the same shape; ``count_params`` gives the exact
 number for any config.
@@ -53,6 +54,7 @@ FLAVORS: dict[str, Flavor] = {
     "small": Flavor(12, 768, 12),
     "medium": Flavor(24, 1024, 16),
     "large": Flavor(36, 1280, 20),
+    "md4-cifar10": Flavor(32, 128, 1, 128),  # model.name=unet: MD4's CIFAR-10 U-Net, 28.4M parameters
     **{name: Flavor(*shape) for name, shape in _LADDER.items()},
 }
 
@@ -89,4 +91,5 @@ def resolve(cfg) -> ModelDims:
         raise ConfigError(f"model.mamba_d_state must be >= 1, got {cfg.mamba_d_state}")
     return ModelDims(name=cfg.name, variant=variant, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
                      cond_dim=cond_dim, dropout=cfg.dropout, attention=cfg.attention,
-                     mamba_backend=cfg.mamba_backend, mamba_d_state=cfg.mamba_d_state)
+                     mamba_backend=cfg.mamba_backend, mamba_d_state=cfg.mamba_d_state,
+                     image_shape=tuple(cfg.image_shape), num_classes=cfg.num_classes)

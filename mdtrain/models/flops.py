@@ -28,7 +28,7 @@ def _meta_model(cfg, vocab_size: int, seq_len: int = 1024) -> nn.Module:
 
 
 def _is_conditioning(name: str) -> bool:
-    return name.startswith("time_embed") or "adaLN" in name
+    return name.startswith("time_embed") or "adaLN" in name or "cond_proj" in name  # cond_proj: the unet's
 
 
 def count_params(model_or_cfg, vocab_size: int | None = None) -> dict:
@@ -59,6 +59,8 @@ def flops_per_token(cfg, vocab_size: int, seq_len: int, causal: bool | None = No
     """
     causal = cfg.name == "causal" if causal is None else causal
     model = _meta_model(cfg, vocab_size, seq_len)
+    if cfg.name == "unet":
+        return _unet_flops_per_token(model)
     t = float(seq_len)
     keys = (t + 1) / 2 if causal else t
     fwd = 0.0
@@ -79,3 +81,33 @@ def flops_per_token(cfg, vocab_size: int, seq_len: int, causal: bool | None = No
     d = model.dims.d_model
     rule = 6.0 * n + (12.0 * n_attn * d * t if n_attn else 0.0)
     return {"rule": rule, "exact": 3.0 * fwd, "n_params": n}
+
+
+def _unet_flops_per_token(model) -> dict:
+    """The unet's counts per pixel token. Convolutions and the attention's Linears run once per *pixel* (H·W per
+    image), a token is a sub-pixel (H·W·C per image), so per-pixel work is divided by C; the conditioning runs once
+    per image (divided by H·W·C). ``rule`` = (6·N + 12·n_attn·d·H·W) / C with N the parameters a pixel multiplies
+    (no input embedding, no conditioning); ``exact`` = 3 x the forward's convolutions and matmuls (3x3 convs:
+    2·in·out·9 per pixel; q·k^T and p·v: 2·2·H·W·d per pixel)."""
+    from mdtrain.models.unet import AttentionBlock
+    h, w, c = model.image_shape
+    pixels = float(h * w)
+    fwd_pixel = fwd_image = 0.0
+    n_attn = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            fwd_pixel += 2.0 * m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            if _is_conditioning(name):
+                fwd_image += 2.0 * m.in_features * m.out_features
+            else:
+                fwd_pixel += 2.0 * m.in_features * m.out_features
+        elif isinstance(m, AttentionBlock):
+            fwd_pixel += 2.0 * 2.0 * pixels * m.qkv.in_features
+            n_attn += 1
+    counts = count_params(model)
+    n = counts["total"] - counts["embedding"] - counts["conditioning"]
+    d = model.dims.d_model
+    rule = (6.0 * n + 12.0 * n_attn * d * pixels) / c
+    exact = 3.0 * (fwd_pixel / c + fwd_image / (pixels * c))
+    return {"rule": rule, "exact": exact, "n_params": n}

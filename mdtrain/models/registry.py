@@ -13,6 +13,7 @@ from mdtrain.models.backbone import ModelDims
 from mdtrain.models.flavors import resolve
 from mdtrain.models.mamba import DiMamba
 from mdtrain.models.transformer import Transformer
+from mdtrain.models.unet import UNet
 
 BackboneBuilder = Callable[[ModelDims, int], nn.Module]
 
@@ -20,6 +21,7 @@ BACKBONES: dict[str, BackboneBuilder] = {
     "dit": lambda dims, vocab: Transformer(dims, vocab, causal=False),
     "causal": lambda dims, vocab: Transformer(dims, vocab, causal=True),
     "dimamba": DiMamba,
+    "unet": UNet,
 }
 
 
