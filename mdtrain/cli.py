@@ -35,9 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help=COMMANDS["prepare"][2], description=COMMANDS["prepare"][2])
     p.add_argument("--input", nargs="+", required=True, help="text files/dirs, .jsonl, .parquet")
-    p.add_argument("--tokenizer", required=True,
-                   help="sentencepiece:train:VOCAB | sentencepiece:PATH.model | hf:DIR | bytes")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
+    p.add_argument("--tokenizer", help="sentencepiece:train:VOCAB | sentencepiece:PATH.model | hf:DIR | bytes")
+    p.add_argument("--seq-len", type=int, help="tokens per sample (text: required)")
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
     p.add_argument("--packing", default="mdlm", choices=["mdlm", "md4", "pad"],
@@ -48,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--glob", default="*", help="file pattern when an input is a directory")
+    p.add_argument("--images", action="store_true", help="inputs are images (PNG/JPEG folders, CIFAR python batches, "
+                   ".npy): pixels as tokens, mask = 256 (no --tokenizer)")
+    p.add_argument("--image-size", default="", help="--images: HxW or HxWxC every image must have (default: the "
+                   "first image's)")
+    p.add_argument("--on-corrupt", default="error", choices=["error", "skip"], help="--images: a bad image stops "
+                   "the run naming the file (error) or is skipped and counted (skip)")
 
     for name in ("train", "sweep"):
         p = sub.add_parser(name, help=COMMANDS[name][2], description=COMMANDS[name][2])

@@ -5,6 +5,7 @@ Precedence: command-line overrides > YAML file > dataclass defaults. A YAML file
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -129,6 +130,11 @@ class Config:
         if self.objective.name != "ar" and self.model.name == "causal":
             raise ConfigError(f"model.name=causal only fits objective.name=ar, got objective.name="
                               f"{self.objective.name}")
+        if self.model.image_shape and math.prod(self.model.image_shape) != self.data.seq_len:
+            raise ConfigError(f"model.image_shape={self.model.image_shape} has {math.prod(self.model.image_shape)} "
+                              f"pixel tokens per image, but data.seq_len={self.data.seq_len}")
+        if self.model.name == "unet" and self.parallel.tp != 1:
+            raise ConfigError("model.name=unet has no tensor-parallel layout: set parallel.tp=1")
         if self.parallel.tp != 1:
             from mdtrain.parallel.tensor_parallel_layout import check_config
             check_config(self)

@@ -36,6 +36,7 @@ def main(args) -> int:
     if ctx.is_main:
         for r in rows:
             bound = "<= " if r["bound"] == "upper" else ""
-            print(f"{r['split']}: nll {r['nll']:.4f} nats/token, ppl {bound}{r['ppl']:.3f}", flush=True)
+            bpd = f", bits/dim {bound}{r['bits_per_dim']:.4f}" if "bits_per_dim" in r else ""
+            print(f"{r['split']}: nll {r['nll']:.4f} nats/token, ppl {bound}{r['ppl']:.3f}{bpd}", flush=True)
         print(json.dumps(result), flush=True)
     return 0

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from mdtrain import rng
+from mdtrain.data.images import label_kwargs
 from mdtrain.metrics import eval_row
 from mdtrain.objectives.protocol import make_model_fn
 
@@ -50,6 +51,7 @@ def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp3
             break
         x0 = batch["input_ids"].to(ctx.device)
         attn = batch["attention_mask"].to(ctx.device)
+        extra = label_kwargs(cfg.model.num_classes, batch, ctx.device)  # class labels (class-conditional images)
         base = b * per_step + ctx.dp_rank * ecfg.batch_size
         idx = list(range(base, base + x0.shape[0]))
         mc = 1 if objective.causal else max(1, ecfg.mc_samples)
@@ -61,7 +63,7 @@ def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp3
             noise = {n: v.to(ctx.device) for n, v in noise.items()}
 
             with _autocast(ctx.device, precision):
-                _, m = objective.loss(make_model_fn(model, attn), x0, attn, noise=noise)
+                _, m = objective.loss(make_model_fn(model, attn, **extra), x0, attn, noise=noise)
             nll_sum += float(m["nll_sum"]) / mc
             tokens += float(m["tokens"]) / mc
     if was_training:
@@ -80,7 +82,7 @@ def evaluate_splits(cfg, model, objective, ctx, step: Optional[int]) -> list[dic
     rows = []
     for name, dcfg in sets:
         nll_sum, tokens = evaluate_dataset(cfg, dcfg, model, objective, ctx, precision)
-        rows.append(eval_row(step, name, nll_sum, tokens, bound))
+        rows.append(eval_row(step, name, nll_sum, tokens, bound, image_shape=cfg.model.image_shape))
     return rows
 
 

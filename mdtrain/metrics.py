@@ -143,8 +143,10 @@ class MetricsLogger:
         """row: step, split, nll (nats/token), ppl, bits_per_token, tokens, bound."""
         self._write(row)
         bound = "≤ " if row.get("bound") == "upper" else ""
+        bpd = f"  bits/dim {bound}{row['bits_per_dim']:.4f}" if "bits_per_dim" in row else ""
         self.print(f"eval {row['split']}: step {row['step']}  nll {row['nll']:.4f} nats/token  "
-                   f"ppl {bound}{row['ppl']:.3f}  bits/token {row['bits_per_token']:.4f}  ({fmt_int(row['tokens'])} tokens)")
+                   f"ppl {bound}{row['ppl']:.3f}  bits/token {row['bits_per_token']:.4f}{bpd}  "
+                   f"({fmt_int(row['tokens'])} tokens)")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -164,10 +166,23 @@ def _drop_partial_last_line(path: str) -> None:
         fh.truncate(data.rfind(b"\n") + 1)
 
 
-def eval_row(step: int, split: str, nll_sum: float, tokens: float, bound: str) -> dict:
+def eval_row(step: int, split: str, nll_sum: float, tokens: float, bound: str, image_shape=None) -> dict:
     nll = nll_sum / max(tokens, 1.0)
-    return {"step": step, "split": split, "nll": nll, "ppl": math.exp(min(nll, 700.0)),
-            "bits_per_token": nll / math.log(2), "tokens": int(tokens), "bound": bound}
+    row = {"step": step, "split": split, "nll": nll, "ppl": math.exp(min(nll, 700.0)),
+           "bits_per_token": nll / math.log(2), "tokens": int(tokens), "bound": bound}
+    if image_shape:
+        row["bits_per_dim"] = bits_per_dim(nll_sum, tokens, image_shape)
+    return row
+
+
+def bits_per_dim(nll_sum: float, tokens: float, image_shape) -> float:
+    """NELBO / (H·W·C) / ln 2 per image, averaged over the images: pixel tokens are the dimensions, so with
+    ``tokens`` = images·H·W·C this is ``nll_sum`` / (images·H·W·C) / ln 2."""
+    dims = math.prod(int(s) for s in image_shape)
+    images = tokens / dims
+    if abs(images - round(images)) > 1e-6:
+        raise ValueError(f"{tokens} tokens are not whole images of {dims} pixel tokens")
+    return nll_sum / max(round(images), 1) / dims / math.log(2)
 
 
 def _hms(s: float) -> str:

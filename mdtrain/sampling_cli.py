@@ -43,6 +43,9 @@ def main(args) -> int:
     bundle = load_for_inference(args.path, overrides=args.overrides)
     cfg, scfg = bundle.cfg, bundle.cfg.sample
     model_fn = make_model_fn(bundle.model)
+    if cfg.model.image_shape:  # image runs write a PNG grid (mdtrain/sampling_images.py)
+        from mdtrain.sampling_images import sample_images
+        return sample_images(bundle, args.path, model_fn, sampler_options(scfg))
     gen = torch.Generator().manual_seed(scfg.seed)
     seqs, nfe, t0 = [], 0, time.time()
     remaining = scfg.num_samples

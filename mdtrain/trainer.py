@@ -20,6 +20,7 @@ from mdtrain import rng, signals
 from mdtrain.checkpoint import CheckpointManager
 from mdtrain.config import Config, load_config, save_config
 from mdtrain.configtools import ConfigError, to_dict
+from mdtrain.data.images import label_kwargs
 from mdtrain.metrics import MetricsLogger, memory_gib, peak_flops
 from mdtrain.modeling import build_objective_and_model
 from mdtrain.objectives.protocol import make_model_fn
@@ -255,8 +256,10 @@ class Trainer:
             rng.seed_dropout(cfg.train.seed, prog.step, self.ctx.rank, micro)
             last = micro == self.accum - 1
             with self.engine.no_sync() if not last else contextlib.nullcontext():
+                extra = label_kwargs(cfg.model.num_classes, batch, self.device)
                 with self._autocast():
-                    loss, m = self.objective.loss(make_model_fn(self.engine.model, attn), x0, attn, noise=noise)
+                    loss, m = self.objective.loss(make_model_fn(self.engine.model, attn, **extra), x0, attn,
+                                                  noise=noise)
                 share = loss.float() * (float(m["tokens"]) / global_tok)
                 self.engine.backward(share)
             loss_sum += share.detach().double()

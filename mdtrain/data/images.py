@@ -472,3 +472,20 @@ def iter_images(root: str, split: str) -> Iterator[np.ndarray]:
     for sh in m["splits"][split]["shards"]:
         ids, _ = read_shard(os.path.join(root, sh["path"]), sh["samples"], m["seq_len"], np.dtype(m["dtype"]))
         yield from tokens_to_images(ids, shape)
+
+
+def label_kwargs(num_classes: int, batch: dict, device) -> dict:
+    """``{"labels": LongTensor[B]}`` for a class-conditional model (``model.num_classes > 0``), else ``{}``;
+    a DataError when the data has no labels or a label the model has no class for."""
+    if num_classes <= 0:
+        return {}
+    labels = batch.get("labels")
+    if labels is None:
+        raise DataError(f"model.num_classes={num_classes} trains class-conditionally, but the data has no labels "
+                        "(prepare it with mdtrain prepare --images from CIFAR batches, class sub-folders or "
+                        ".npy arrays with .labels.npy), or set model.num_classes=0")
+    top = int(labels.max()) if labels.numel() else 0
+    if top >= num_classes:
+        raise DataError(f"the data holds class {top}, but model.num_classes={num_classes}; set model.num_classes to "
+                        "the manifest's image.num_classes")
+    return {"labels": labels.to(device, non_blocking=True)}

@@ -62,6 +62,9 @@ class ShardSource:
         self.fingerprint = hashlib.sha256(json.dumps(
             [self.seq_len, [sh["sha256"] for sh in info["shards"]]]).encode()).hexdigest()[:16]
         self.entropy = manifest.get("entropy_per_token")  # shards written from a synthetic source
+        from mdtrain.data.images import read_split_labels
+        self.labels = read_split_labels(root, manifest, split)  # image classes (prepare --images), or None
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self._epochs: OrderedDict = OrderedDict()
         self._windows: OrderedDict = OrderedDict()
 
@@ -109,6 +112,20 @@ class ShardSource:
                 ok[at] = good[r]
         return ids, ok
 
+    def labels_at(self, positions: np.ndarray) -> np.ndarray:
+        """Class labels (int64) of the samples at stream ``positions`` (the same mapping as :meth:`rows`)."""
+        out = np.empty(len(positions), dtype=np.int64)
+        epochs, local = np.divmod(positions, self.num_samples)
+        for e in np.unique(epochs):
+            sel = np.nonzero(epochs == e)[0]
+            windows, starts = self._epoch(int(e))
+            win = np.searchsorted(starts, local[sel], side="right") - 1
+            for w in np.unique(win):
+                at = sel[win == w]
+                index = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in windows[w]])
+                out[at] = self.labels[index[self._window(int(e), int(w))[2][local[at] - starts[w]]]]
+        return out
+
 
 class _ChunkStream(torch.utils.data.IterableDataset):
     """This rank's batches, made ``steps_per_chunk`` steps at a time: DataLoader worker ``w`` of ``W`` makes
@@ -138,9 +155,13 @@ class _ChunkStream(torch.utils.data.IterableDataset):
             ids[real], ok[real] = self.source.rows(pos[real])
         bad = real & ~ok  # corrupt samples (data.on_corrupt=skip) become padding rows, like the end of a pass
         ids[bad] = self.pad_id
+        out = {"skipped": torch.from_numpy(bad.reshape(len(steps), self.B).sum(1))}
+        if getattr(self.source, "labels", None) is not None:  # image classes; padding rows get class 0
+            labels = np.zeros(len(pos), dtype=np.int64)
+            labels[real] = self.source.labels_at(pos[real])
+            out["labels"] = torch.from_numpy(labels)
         ids = torch.from_numpy(ids)
-        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long(),
-                "skipped": torch.from_numpy(bad.reshape(len(steps), self.B).sum(1))}
+        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long(), **out}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -193,7 +214,8 @@ def _thread_prefetch(iterable, depth: int, pin: bool) -> Iterator:
 
 
 class Loader:
-    """Iterates ``{"input_ids", "attention_mask"}`` LongTensor[B, L] batches of one DP rank; resumable.
+    """Iterates ``{"input_ids", "attention_mask"}`` LongTensor[B, L] batches of one DP rank; resumable. Image
+    datasets with labels add ``"labels"`` LongTensor[B].
 
     Attributes: ``tokenizer``, ``seq_len``, ``num_samples`` (of the split), ``batch_size``, ``epoch``
     (fractional), ``skipped_samples`` (corrupt samples masked out with data.on_corrupt=skip), and
@@ -254,7 +276,10 @@ class Loader:
                     self.consumed += self.step_samples
                     if stop is not None:
                         self.consumed = min(self.consumed, stop)
-                    yield {"input_ids": ids[j * B:(j + 1) * B], "attention_mask": mask[j * B:(j + 1) * B]}
+                    batch = {"input_ids": ids[j * B:(j + 1) * B], "attention_mask": mask[j * B:(j + 1) * B]}
+                    if "labels" in chunk:
+                        batch["labels"] = chunk["labels"][j * B:(j + 1) * B]
+                    yield batch
         finally:
             if hasattr(it, "close"):
                 it.close()

@@ -267,6 +267,14 @@ def prepare(inputs: list[str], tokenizer: str, seq_len: int, out: str, val_fract
 def main(args) -> int:
     """Entry point of ``mdtrain prepare`` (``args`` is the argparse namespace from ``mdtrain.cli``)."""
     try:
+        if args.images:  # pixels as tokens: mdtrain/data/images.py
+            from mdtrain.data.images import prepare_images
+            prepare_images(args.input, args.out, image_size=args.image_size, val_fraction=args.val_fraction,
+                           samples_per_shard=args.samples_per_shard, seed=args.seed, on_corrupt=args.on_corrupt,
+                           seq_len=args.seq_len)
+            return 0
+        if not args.tokenizer or args.seq_len is None:
+            raise DataError("text needs --tokenizer and --seq-len (or pass --images for image inputs)")
         prepare(args.input, args.tokenizer, args.seq_len, args.out, val_fraction=args.val_fraction,
                 packing=args.packing, doc_per=args.doc_per, text_field=args.text_field,
                 samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed, glob=args.glob)
