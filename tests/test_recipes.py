@@ -23,7 +23,9 @@ DEBUG = ["model.flavor=debug", "data.train=synthetic:markov", "data.valid=", "da
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.basename(p))
 def test_recipe_trains_at_debug_size(path, tmp_path):
-    cfg = load_config(path, [*DEBUG, f"train.run_dir={tmp_path / 'run'}"])
+    # image recipes: the synthetic tokens laid out as 4x4x2 "images" (data.seq_len = 32)
+    image = ["model.image_shape=[4,4,2]"] if load_config(path, validate=False).model.image_shape else []
+    cfg = load_config(path, [*DEBUG, *image, f"train.run_dir={tmp_path / 'run'}"])
     t = Trainer(cfg)
     try:
         t.fit()
