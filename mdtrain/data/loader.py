@@ -59,12 +59,12 @@ class ShardSource:
         self.key = tuple(int(k) % (1 << 63) for k in key)  # numpy seeds must be >= 0
         per_window = self.num_samples / max(1, -(-len(self.counts) // self.window))
         self.chunk_positions = int(2 * per_window)  # stream positions a loader chunk should span
+        from mdtrain.data.images import read_split_labels
+        self.labels = read_split_labels(root, manifest, split)  # image classes (prepare --images), or None
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])  # first sample of each shard in the split
         self.fingerprint = hashlib.sha256(json.dumps(
             [self.seq_len, [sh["sha256"] for sh in info["shards"]]]).encode()).hexdigest()[:16]
         self.entropy = manifest.get("entropy_per_token")  # shards written from a synthetic source
-        from mdtrain.data.images import read_split_labels
-        self.labels = read_split_labels(root, manifest, split)  # image classes (prepare --images), or None
-        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self._epochs: OrderedDict = OrderedDict()
         self._windows: OrderedDict = OrderedDict()
 
@@ -123,7 +123,8 @@ class ShardSource:
             for w in np.unique(win):
                 at = sel[win == w]
                 index = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in windows[w]])
-                out[at] = self.labels[index[self._window(int(e), int(w))[2][local[at] - starts[w]]]]
+                r, perm = local[at] - starts[w], self._window(int(e), int(w))[2]
+                out[at] = self.labels[index[r if perm is None else perm[r]]]
         return out
 
 
