@@ -20,7 +20,7 @@ from mdtrain import rng, signals
 from mdtrain.checkpoint import CheckpointManager
 from mdtrain.config import Config, load_config, save_config
 from mdtrain.configtools import ConfigError, to_dict
-from mdtrain.data.images import label_kwargs
+from mdtrain.data.images import check_image_layout, label_kwargs
 from mdtrain.metrics import MetricsLogger, memory_gib, peak_flops
 from mdtrain.modeling import build_objective_and_model
 from mdtrain.objectives.protocol import make_model_fn
@@ -162,6 +162,7 @@ class Trainer:
         self.ctx.barrier()
         self.loader = build_loader(cfg.data, "train", cfg.train.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size,
                                    seed=cfg.train.seed, infinite=True)
+        check_image_layout(cfg.model.image_shape, self.loader)
         self.tokenizer, self.seq_len = self.loader.tokenizer, self.loader.seq_len
 
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.checkpoint.keep_last, self.ctx)

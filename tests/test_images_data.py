@@ -264,6 +264,16 @@ def test_cifar_python_batches_official_split_labels_and_channel_interleaving(tmp
         assert len(rows) == len(want)
         assert {r.tobytes(): int(lab) for r, lab in zip(rows, labels)} == want
 
+    # CIFAR-100's layout: train / test / meta with fine labels; "train" is recognised only beside its meta file
+    d100 = tmp_path / "cifar-100-python"
+    d100.mkdir()
+    (d100 / "train").write_bytes(Py2Pickle().dumps(cifar_batch(rng, 4, b"fine_labels")))
+    (d100 / "test").write_bytes(Py2Pickle().dumps(cifar_batch(rng, 2, b"fine_labels")))
+    (d100 / "meta").write_bytes(Py2Pickle().dumps({b"fine_label_names": [b"c%d" % i for i in range(100)]}))
+    m = prepare_images([str(d100)], str(tmp_path / "out100"), quiet=True)
+    assert m["image"]["num_classes"] == 100 and m["image"]["class_names"][99] == "c99"
+    assert (m["splits"]["train"]["num_samples"], m["splits"]["valid"]["num_samples"]) == (4, 2)
+
 
 def test_python3_pickles_of_numpy_arrays_load_like_pickle_itself():
     rng = np.random.default_rng(1)

@@ -126,6 +126,9 @@ def test_class_conditional_unet_trains_evaluates_and_samples_one_row_per_class(p
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["classes"] == 3 and info["num_samples"] == 6
     assert np.asarray(Image.open(png)).shape == (3 * 10 + 2, 2 * 10 + 2, 3)  # a row per class, 2 per row
+    with pytest.raises(DataError, match=r"holds 8x8x3 images \(H x W x C\), but model.image_shape=\[3, 8, 8\]"):
+        fit(load_config(CPU_RECIPE, [*over[:2], "model.image_shape=[3,8,8]", f"train.run_dir={tmp_path / 'y'}",
+                                     *QUIET]))
     with pytest.raises(DataError, match="holds class 2, but model.num_classes=2"):
         fit(load_config(CPU_RECIPE, [*over[:3], "model.num_classes=2", f"train.run_dir={tmp_path / 'x'}",
                                      "train.steps=1", *QUIET]))

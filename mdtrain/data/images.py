@@ -249,8 +249,10 @@ def _npy_source(paths: list[str]) -> _Source:
 def _kind(path: str) -> str:
     base = os.path.basename(path.rstrip("/"))
     if os.path.isdir(path):
-        names = set(os.listdir(path))
-        if any(_CIFAR_TRAIN.match(n) or _CIFAR_VALID.match(n) for n in names) and names & set(_CIFAR_META):
+        files = {n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))}
+        batches = {n for n in files if _CIFAR_TRAIN.match(n) or _CIFAR_VALID.match(n)}
+        # CIFAR-10's data_batch_N / test_batch; CIFAR-100's generic names (train, test) only beside its meta file
+        if any(n.startswith(("data_batch_", "test_batch")) for n in batches) or (batches and "meta" in files):
             return "cifar"
         return "folder"
     if not os.path.isfile(path):
@@ -472,6 +474,15 @@ def iter_images(root: str, split: str) -> Iterator[np.ndarray]:
     for sh in m["splits"][split]["shards"]:
         ids, _ = read_shard(os.path.join(root, sh["path"]), sh["samples"], m["seq_len"], np.dtype(m["dtype"]))
         yield from tokens_to_images(ids, shape)
+
+
+def check_image_layout(image_shape, loader) -> None:
+    """A DataError when the model's ``image_shape`` is not the prepared images' (H·W·C alike is not enough: a
+    transposed layout would train on scrambled pixels without any other error)."""
+    image = getattr(getattr(loader, "source", None), "image", None)
+    if image and image_shape and list(image["shape"]) != list(image_shape):
+        raise DataError(f"the data holds {'x'.join(map(str, image['shape']))} images (H x W x C), but "
+                        f"model.image_shape={list(image_shape)}; set model.image_shape={list(image['shape'])}")
 
 
 def label_kwargs(num_classes: int, batch: dict, device) -> dict:

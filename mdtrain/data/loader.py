@@ -61,6 +61,7 @@ class ShardSource:
         self.chunk_positions = int(2 * per_window)  # stream positions a loader chunk should span
         from mdtrain.data.images import read_split_labels
         self.labels = read_split_labels(root, manifest, split)  # image classes (prepare --images), or None
+        self.image = manifest.get("image")  # {shape, num_classes, class_names, source} of image datasets
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])  # first sample of each shard in the split
         self.fingerprint = hashlib.sha256(json.dumps(
             [self.seq_len, [sh["sha256"] for sh in info["shards"]]]).encode()).hexdigest()[:16]
