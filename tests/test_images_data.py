@@ -108,7 +108,8 @@ def test_hash_split_is_deterministic_and_a_flat_folder_has_no_labels(tmp_path):
         Image.fromarray(p).save(src / f"{i}.png")
     a = prepare_images([str(src)], str(tmp_path / "a"), val_fraction=0.3, seed=5, quiet=True)
     b = prepare_images([str(src)], str(tmp_path / "b"), val_fraction=0.3, seed=5, quiet=True)
-    assert [s["sha256"] for s in a["splits"]["valid"]["shards"]] == [s["sha256"] for s in b["splits"]["valid"]["shards"]]
+    digests = [[s["sha256"] for s in m["splits"]["valid"]["shards"]] for m in (a, b)]
+    assert digests[0] == digests[1]
     assert a["image"]["num_classes"] == 0 and "labels" not in a["splits"]["train"]
     assert 0 < a["splits"]["valid"]["num_samples"] < 24
     loader = build_loader(DataConfig(train=str(tmp_path / "a"), seq_len=3072), "valid", 4, 0, 1, seed=0,
@@ -158,6 +159,9 @@ def test_cli_prepare_images_and_text_needs_a_tokenizer(tmp_path, capsys):
     assert "--seq-len 100 does not match" in capsys.readouterr().err
     assert cli_main(["prepare", "--input", str(src), "--out", str(tmp_path / "o3")]) == 1
     assert "text needs --tokenizer and --seq-len" in capsys.readouterr().err
+    assert cli_main(["prepare", "--images", "--tokenizer", "bytes", "--input", str(src),
+                     "--out", str(tmp_path / "o4")]) == 1
+    assert "leave --tokenizer out" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------------

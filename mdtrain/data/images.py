@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -136,7 +137,6 @@ def _folder_source(inputs: list[str]) -> _Source:
 
 def _read_cifar_pickle(path: str) -> dict:
     from mdtrain.data.safe_pickle import UnsafePickleError, load_plain_pickle
-    import pickle
     try:
         with open(path, "rb") as fh:
             obj = load_plain_pickle(fh.read())

@@ -269,6 +269,8 @@ def main(args) -> int:
     try:
         if args.images:  # pixels as tokens: mdtrain/data/images.py
             from mdtrain.data.images import prepare_images
+            if args.tokenizer:
+                raise DataError("--images tokenizes pixels itself (values 0..255, mask 256); leave --tokenizer out")
             prepare_images(args.input, args.out, image_size=args.image_size, val_fraction=args.val_fraction,
                            samples_per_shard=args.samples_per_shard, seed=args.seed, on_corrupt=args.on_corrupt,
                            seq_len=args.seq_len)
