@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from mdtrain.configtools import ConfigError
 from mdtrain.data.images import write_image_grid
 
 
@@ -33,7 +34,7 @@ def sample_images(bundle, path: str, model_fn, sampler_options: dict) -> int:
 
     cfg, scfg = bundle.cfg, bundle.cfg.sample
     if scfg.prefix:
-        raise ValueError("sample.prefix is text; image runs sample whole images (leave sample.prefix empty)")
+        raise ConfigError("sample.prefix is text; image runs sample whole images (leave sample.prefix empty)")
     shape, k = cfg.model.image_shape, cfg.model.num_classes
     per_class = math.ceil(scfg.num_samples / k) if k else scfg.num_samples
     gen = torch.Generator().manual_seed(scfg.seed)

@@ -15,7 +15,7 @@ LAYERS = [
     ["mdtrain.parallel", "mdtrain.optim", "mdtrain.errors", "mdtrain.launch.config"],
     ["mdtrain.config", "mdtrain.modeling", "mdtrain.checkpoint", "mdtrain.evaluate"],
     ["mdtrain.exported"],
-    ["mdtrain.inference"],
+    ["mdtrain.inference", "mdtrain.sampling_images"],
     ["mdtrain.trainer", "mdtrain.eval_cli", "mdtrain.sampling_cli"],
     ["mdtrain.launch.slurm"],
     ["mdtrain.sweep"],

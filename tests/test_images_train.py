@@ -17,7 +17,8 @@ from mdtrain.config import load_config
 from mdtrain.data.errors import DataError
 from mdtrain.data.images import iter_images, prepare_images
 from mdtrain.testing import run_distributed
-from mdtrain.trainer import Trainer, load_for_inference
+from mdtrain.inference import load_for_inference
+from mdtrain.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_RECIPE = os.path.join(REPO, "configs", "cifar10_md4_cpu.yaml")
