@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("mdtrain.inference", "export_main", "write consolidated safetensors + config + tokenizer"),
     "sweep": ("mdtrain.sweep", "main", "scaling-law grid: plan / run / submit / collect / fit"),
     "launch": ("mdtrain.launch.slurm", "main", "submit `mdtrain train` to SLURM through submitit (or run it locally)"),
+    "compare": ("mdtrain.compare", "main", "runs side by side: a table of their results and loss-vs-tokens/time plots"),
 }
 
 
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+
+    p = sub.add_parser("compare", help=COMMANDS["compare"][2], description=COMMANDS["compare"][2])
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (config.yaml + metrics.jsonl)")
+    p.add_argument("--out", default="compare", help="where the plots go (default: %(default)s)")
 
     p = sub.add_parser("launch", help=COMMANDS["launch"][2], description=COMMANDS["launch"][2], add_help=False)
     p.add_argument("launch_args", nargs=argparse.REMAINDER, help="see `mdtrain launch --help`")
