@@ -145,6 +145,8 @@ def test_mini_sweep_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, 
         assert (row["params_total"], row["params_nonembed"]) == (cell.params_total, cell.params_nonembed)
         assert (row["steps"], row["tokens"]) == (cell.steps, cell.steps * BATCH * SEQ)
         assert row["loss_bound"] == ("exact" if cell.objective == "ar" else "upper")
+        from mdtrain.data.synthetic import entropy_per_token
+        assert row["entropy_per_token"] == entropy_per_token(cell.cfg.data.train, cell.cfg.data.seq_len)
         assert row["commit"] == (head or "unknown") and row["wall_s"] > 0 and row["wall_source"] == "driver"
         # every cell is evaluated on the same 2 x 16 validation sequences (AR scores positions 1.., MDLM all)
         assert row["eval_tokens"] == 2 * 16 * (SEQ - 1 if cell.objective == "ar" else SEQ)

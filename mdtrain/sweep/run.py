@@ -372,7 +372,23 @@ def result_row(cell: Cell) -> Optional[dict]:
                                "flops_per_token_6n", "flops_used", "seq_len", "global_batch_size")},
         "n_layers": dims.n_layers, "d_model": dims.d_model, "n_heads": dims.n_heads, "model": cell.cfg.model.name,
         "lr": cell.cfg.optim.lr, "schedule": cell.cfg.optim.schedule, "run_dir": cell.run_dir,
+        "entropy_per_token": known_entropy(cell.cfg.data),
     }
+
+
+def known_entropy(data_cfg) -> Optional[float]:
+    """The entropy rate (nats/token) of the validation data when it is known exactly (a synthetic source, or
+    shards prepared from one), else None: the floor no model's loss can go below, drawn on the plots."""
+    from mdtrain.data.errors import DataError
+    from mdtrain.data.shards import read_manifest
+    from mdtrain.data.synthetic import entropy_per_token
+    spec = data_cfg.valid or data_cfg.train
+    if spec.startswith("synthetic:"):
+        return entropy_per_token(spec, data_cfg.seq_len)
+    try:
+        return read_manifest(spec).get("entropy_per_token")
+    except DataError:  # an unreadable manifest has no known entropy (the run itself read it, so this is rare)
+        return None
 
 
 def append_row(path: str, row: dict) -> bool:
