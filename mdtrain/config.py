@@ -124,12 +124,14 @@ class Config:
     launch: LaunchConfig = section(LaunchConfig, "mdtrain launch: SLURM resources and requeue policy")
 
     def validate(self):
-        if self.objective.name == "ar" and self.model.name != "causal":
-            raise ConfigError(f"objective.name=ar needs a causal backbone (model.name=causal), got "
-                              f"model.name={self.model.name}")
-        if self.objective.name != "ar" and self.model.name == "causal":
-            raise ConfigError(f"model.name=causal only fits objective.name=ar, got objective.name="
-                              f"{self.objective.name}")
+        causal = self.model.name == "causal" or (self.model.name == "llama" and self.model.llama.attention == "causal")
+        if self.objective.name == "ar" and not causal:
+            raise ConfigError(f"objective.name=ar needs a causal backbone (model.name=causal, or model.name=llama with "
+                              f"model.llama.attention=causal), got model.name={self.model.name}")
+        if self.objective.name != "ar" and causal:
+            raise ConfigError(f"a causal backbone only fits objective.name=ar, got objective.name={self.objective.name}"
+                              + (" (set model.llama.attention=bidirectional or anneal)" if self.model.name == "llama"
+                                 else ""))
         if self.model.image_shape and math.prod(self.model.image_shape) != self.data.seq_len:
             raise ConfigError(f"model.image_shape={self.model.image_shape} has {math.prod(self.model.image_shape)} "
                               f"pixel tokens per image, but data.seq_len={self.data.seq_len}")

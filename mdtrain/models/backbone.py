@@ -3,7 +3,8 @@ initialisation. Subclasses fill ``self.blocks`` and say what per-forward context
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,7 @@ class ModelDims:
     mamba_d_state: int
     image_shape: tuple = ()  # (H, W, C) of pixel-token data (the unet's layout); () otherwise
     num_classes: int = 0     # class-conditional (unet): classes whose embedding joins the time embedding
+    llama: Any = field(default=None, compare=False)  # model.llama (the Llama backbone's section), else None
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +81,10 @@ class Backbone(nn.Module):
             zero_(self.final_adaLN)
         zero_(self.head)
 
+    def set_train_step(self, step: int) -> None:
+        """The optimizer step about to be taken, for backbones whose training forward depends on it (the Llama
+        backbone's attention-mask annealing); the others ignore it."""
+
     # -- forward --------------------------------------------------------------------------------------------
     def block_context(self, length: int, device: torch.device, offset: int = 0):
         return None
@@ -118,3 +124,10 @@ class Backbone(nn.Module):
         for blk in self.blocks:
             h = blk(h, c, ctx, mask)
         return self.output(h, c)
+
+
+def set_train_step(model: nn.Module, step: int) -> None:
+    """Tell every backbone inside ``model`` (through DDP / FSDP / DeepSpeed wrappers) the current training step."""
+    for m in model.modules():
+        if isinstance(m, Backbone):
+            m.set_train_step(step)

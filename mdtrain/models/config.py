@@ -4,14 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mdtrain.configtools import ConfigError, doc
+from mdtrain.configtools import ConfigError, doc, section
+from mdtrain.models.llama_config import LlamaConfig
 
 
 @dataclass
 class ModelConfig:
     name: str = doc("dit", "backbone: dit (bidirectional), causal (for ar), dimamba (bidirectional Mamba), unet "
-                           "(MD4's image U-Net over pixel tokens; flavor md4-cifar10; model.variant does not apply)",
-                    choices=("dit", "causal", "dimamba", "unet"))
+                           "(MD4's image U-Net over pixel tokens; flavor md4-cifar10; model.variant does not apply), "
+                           "llama (Llama / Qwen2 / GPT-2 decoder, causal or bidirectional: model.llama)",
+                    choices=("dit", "causal", "dimamba", "unet", "llama"))
     flavor: str = doc("debug", "size preset from the flavor registry (debug, tiny, small, medium, large, ladder-*)")
     variant: str = doc("mdlm", "block style: mdlm (GELU-tanh MLP 4x with biases, LayerNorm with learnable scale, "
                                "SiLU modulation, cond = sigma) or md4 (sigmoid-GLU MLP, parameter-free LayerNorm, "
@@ -36,6 +38,7 @@ class ModelConfig:
     num_classes: int = doc(0, "unet: class-conditional training and sampling on the data's labels (`mdtrain "
                               "prepare --images` keeps them); a class embedding joins the time embedding (MD4's "
                               "classes); 0 = unconditional")
+    llama: LlamaConfig = section(LlamaConfig, "model.name=llama: attention, norms, MLP, rotary, biases, tying")
 
     def validate(self):
         from mdtrain.models.flavors import resolve

@@ -92,4 +92,5 @@ def resolve(cfg) -> ModelDims:
     return ModelDims(name=cfg.name, variant=variant, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
                      cond_dim=cond_dim, dropout=cfg.dropout, attention=cfg.attention,
                      mamba_backend=cfg.mamba_backend, mamba_d_state=cfg.mamba_d_state,
-                     image_shape=tuple(cfg.image_shape), num_classes=cfg.num_classes)
+                     image_shape=tuple(cfg.image_shape), num_classes=cfg.num_classes,
+                     llama=cfg.llama if cfg.name == "llama" else None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mdtrain.models.llama import GroupedAttention
 from mdtrain.models.mamba import SSMDirection
 from mdtrain.models.registry import build_model
 from mdtrain.models.transformer import SelfAttention
@@ -46,7 +47,8 @@ def count_params(model_or_cfg, vocab_size: int | None = None) -> dict:
         model = _meta_model(model_or_cfg, vocab_size)
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for p in model.embed.parameters())
-    head = sum(p.numel() for p in model.head.parameters())
+    shared = {id(p) for p in model.embed.parameters()}  # a tied head adds nothing
+    head = sum(p.numel() for p in model.head.parameters() if id(p) not in shared)
     cond = sum(p.numel() for n, p in model.named_parameters() if _is_conditioning(n))
     return {"total": total, "embedding": embedding, "head": head, "non_embedding": total - embedding - head,
             "conditioning": cond}
@@ -73,6 +75,9 @@ def flops_per_token(cfg, vocab_size: int, seq_len: int, causal: bool | None = No
         elif isinstance(m, SelfAttention):
             width = m.qkv.out_features // 3
             fwd += 2.0 * 2.0 * keys * width  # q.k^T and p.v
+            n_attn += 1
+        elif isinstance(m, GroupedAttention):
+            fwd += 2.0 * 2.0 * keys * m.q_width
             n_attn += 1
         elif isinstance(m, SSMDirection):
             fwd += 2.0 * 2.0 * m.d_inner * m.d_state

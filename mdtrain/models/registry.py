@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from mdtrain.models.backbone import ModelDims
 from mdtrain.models.flavors import resolve
+from mdtrain.models.llama import build_llama
 from mdtrain.models.mamba import DiMamba
 from mdtrain.models.transformer import Transformer
 from mdtrain.models.unet import UNet
@@ -22,6 +23,7 @@ BACKBONES: dict[str, BackboneBuilder] = {
     "causal": lambda dims, vocab: Transformer(dims, vocab, causal=True),
     "dimamba": DiMamba,
     "unet": UNet,
+    "llama": build_llama,
 }
 
 

@@ -4,7 +4,9 @@ process groups.
 ``apply_tensor_parallel(model, ctx, objective)`` replaces, in place and under the same parameter names:
 
 * DiT / causal attention: ``qkv`` column-parallel (whole heads per rank: the qkv rows are laid out per head),
-  ``out`` row-parallel; MLP: ``fc1`` (and md4's ``gate``) column-parallel, ``fc2`` row-parallel;
+  ``out`` row-parallel; MLP: ``fc1`` (and md4's ``gate``) column-parallel, ``fc2`` row-parallel; the Llama
+  backbone the same way, whole key/value groups per rank (its qkv rows are laid out per group), its tied
+  embedding and head sharing one vocabulary shard;
 * every adaLN modulation (per block and before the head): column-parallel, output gathered (the residual stream
   is replicated, so every rank needs all shifts, scales and gates);
 * the token embedding (``VocabParallelEmbedding``) and the output head: split along the vocabulary; the head
@@ -38,6 +40,7 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLine
 from mdtrain import rng
 from mdtrain.models.backbone import Backbone
 from mdtrain.models.layers import MLP
+from mdtrain.models.llama import GroupedAttention, LlamaMLP
 from mdtrain.models.mamba import BiMamba, SSMDirection
 from mdtrain.models.transformer import SelfAttention
 from mdtrain.parallel.tensor_parallel_layout import ModelLayout, model_problems
@@ -383,9 +386,12 @@ def apply_tensor_parallel(model: nn.Module, ctx, objective) -> nn.Module:
     vocab = model.vocab_size
     shard = VocabShard.of(vocab, rank, tp, tp_group)
     padded = shard.padded * tp  # Megatron's vocabulary padded to a multiple of tp
+    tied = model.head.weight is model.embed.weight
     model.embed = VocabEmbedding(padded, model.dims.d_model, **kw)
     model.head = VocabHead(model.head.in_features, padded, bias=model.head.bias is not None, gather_output=False,
                            width=shard.width, **kw)
+    if tied:  # both hold the same vocabulary rows on a rank, so the tie survives the split
+        model.head.weight = model.embed.weight
     if model.final_adaLN is not None:
         model.final_adaLN = col(model.final_adaLN, GatheredColumnLinear)
     for m in list(model.modules()):
@@ -393,7 +399,9 @@ def apply_tensor_parallel(model: nn.Module, ctx, objective) -> nn.Module:
             m.qkv, m.out = col(m.qkv), row(m.out)
             m.__class__ = TPSelfAttention  # same attributes and names; only forward's RNG handling differs
             m._tp_rank = rank
-        elif isinstance(m, MLP):
+        elif isinstance(m, GroupedAttention):  # whole key/value groups per rank (qkv rows laid out per group)
+            m.qkv, m.out = col(m.qkv), row(m.out)
+        elif isinstance(m, (MLP, LlamaMLP)):
             m.fc1, m.fc2 = col(m.fc1), row(m.fc2)
             if m.gate is not None:
                 m.gate = col(m.gate)

@@ -260,6 +260,15 @@ def model_problems(dims, tp: int) -> List[str]:
     """Why a backbone of these dims cannot be split ``tp`` ways (empty list: it can)."""
     d = dims.d_model
     out = []
+    if dims.name == "llama":
+        from mdtrain.models.llama import resolve_llama
+        spec = resolve_llama(dims)
+        if spec.n_kv_heads % tp:
+            out.append(f"the {spec.n_kv_heads} key/value heads (model.llama.n_kv_heads) are not divisible by tp={tp} "
+                       "(query groups are split whole)")
+        if spec.ffn_hidden % tp:
+            out.append(f"the MLP hidden size {spec.ffn_hidden} is not divisible by tp={tp}")
+        return out
     if dims.name == "dimamba":
         heads = 2 * d // dims.head_dim  # d_inner / head dim (models/mamba.py: EXPAND = 2)
         if heads % tp:
