@@ -23,6 +23,7 @@ from mdtrain.configtools import ConfigError, to_dict
 from mdtrain.data.images import check_image_layout, label_kwargs
 from mdtrain.metrics import MetricsLogger, memory_gib, peak_flops
 from mdtrain.modeling import build_objective_and_model
+from mdtrain.models.backbone import set_train_step
 from mdtrain.objectives.protocol import make_model_fn
 from mdtrain.optim import lr_at, make_adamw
 
@@ -51,8 +52,8 @@ def ema_decay(cap: float, num_updates: int) -> float:
 
 
 def valid_tokens(objective, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Tokens that carry loss: AR predicts positions 1.. from their prefix, the masked family every position."""
-    m = attention_mask[:, 1:] if objective.causal else attention_mask
+    """Tokens that carry loss: all but the objective's context positions (AR and shifted: position 0)."""
+    m = attention_mask[:, objective.first_target:]
     return m.sum()
 
 
@@ -248,6 +249,7 @@ class Trainer:
         global_tok = float(self.ctx.all_reduce_sum(torch.tensor([local_tok], dtype=torch.float64),
                                                    group=self.ctx.dp_group)[0])
         self.engine.set_lr(lr_at(prog.step, cfg.train.steps, cfg.optim))
+        set_train_step(self.engine.model, prog.step)  # step-dependent forwards (attention-mask annealing)
         self.engine.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro, batch in enumerate(batches):

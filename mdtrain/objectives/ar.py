@@ -13,6 +13,7 @@ from mdtrain.objectives.base import Objective, valid_mask
 class AR(Objective):
     name = "ar"
     causal = True
+    first_target = 1
     schedule = None
 
     def cond(self, t):

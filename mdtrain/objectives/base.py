@@ -56,6 +56,7 @@ class Objective(nn.Module, abc.ABC):
 
     name: str = ""
     causal: bool = False
+    first_target: int = 0  # positions before it are context: never predicted, never counted as tokens
     reports_bits: bool = False  # add metrics["bits_sum"] = nll_sum / ln 2 (MD4's unit)
 
     def __init__(self, settings: dict, vocab_size: int, mask_id: int):
@@ -159,12 +160,25 @@ class MaskedObjective(Objective):
 
     def loss(self, model_fn, x0, attention_mask=None, generator=None, noise=None):
         noise = self._get_noise(noise, generator, x0)
-        valid = valid_mask(x0, attention_mask)
+        valid = self.targets(valid_mask(x0, attention_mask))
         t = self.sample_time(noise["t"])
         xt = self.corrupt(x0, t, noise["mask"])
         logits = model_fn(xt, self.cond(t))
         per_token = self.nelbo(logits, x0, xt, t, valid, **self.nelbo_extras(model_fn, x0, t))
         return self._finish(per_token, valid, masked_tokens=((xt == self.mask_id) & valid).sum())
+
+    def targets(self, valid: torch.Tensor) -> torch.Tensor:
+        """The valid positions that are predicted (all but the first ``first_target`` context positions)."""
+        if not self.first_target:
+            return valid
+        valid = valid.clone()
+        valid[:, :self.first_target] = False
+        return valid
+
+    def align_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The network's logits laid out so that row i predicts position i (what samplers read); identity unless
+        the parameterisation is shifted."""
+        return logits
 
     def nelbo_extras(self, model_fn, x0, t) -> dict:
         """Network outputs :meth:`nelbo` needs besides the logits at z_t (d3pm: its t = 0 pass on x0)."""

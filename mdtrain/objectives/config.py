@@ -47,6 +47,9 @@ class ObjectiveConfig:
                                            "the constant weight of the change of variables")
     subs_masking: bool = doc(False, "d3pm only: suppress the mask logit (zero masking probability)")
     genmd4_power_init: float = doc(1.0, "genmd4: initial value of every per-token power w_v (1 = linear schedule)")
+    shift: bool = doc(False, "mdlm/md4: shifted parameterisation (Dream, DiffuLLaMA): the network's output at position "
+                             "i predicts token i+1, so an AR model's head is reused; position 0 is context (never "
+                             "masked, not counted) and sampling needs it given (a prefix or BOS)")
 
     def validate(self):
         resolve_objective(self)
@@ -64,7 +67,7 @@ def resolve_objective(cfg: ObjectiveConfig) -> dict:
             d[key] = getattr(cfg, key)
     d.update(name=cfg.name, schedule_eps=cfg.schedule_eps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
              antithetic=cfg.antithetic, importance_sampling=cfg.importance_sampling, subs_masking=cfg.subs_masking,
-             genmd4_power_init=cfg.genmd4_power_init)
+             genmd4_power_init=cfg.genmd4_power_init, shift=cfg.shift)
     name, sched = cfg.name, d["schedule"]
 
     def bad(msg):
@@ -101,6 +104,8 @@ def resolve_objective(cfg: ObjectiveConfig) -> dict:
         raise bad("d3pm is discrete-time: set objective.T > 0 (MDLM uses 1000)")
     if name == "sedd" and not d["time_conditioning"]:
         raise bad("sedd's log-score parameterisation needs σ(t): objective.time_conditioning must be true")
+    if cfg.shift and name not in ("mdlm", "md4"):
+        raise bad("objective.shift applies to mdlm and md4 only")
     if cfg.subs_masking and name != "d3pm":
         raise bad("objective.subs_masking applies to d3pm only")
     if cfg.importance_sampling:

@@ -16,6 +16,25 @@ from mdtrain.objectives.schedules import importance_sampling_weight
 
 
 class SubsObjective(MaskedObjective):
+    """With ``shift`` (Dream / DiffuLLaMA's shifted parameterisation): the logits at position i predict token
+    i + 1, position 0 is never masked and not counted, so a causal LM's head is reused as it was trained."""
+
+    def __init__(self, settings, vocab_size, mask_id):
+        super().__init__(settings, vocab_size, mask_id)
+        self.shift = bool(settings["shift"])
+        self.first_target = 1 if self.shift else 0
+
+    def corrupt(self, x0, t, u_mask):
+        xt = super().corrupt(x0, t, u_mask)
+        if self.shift:
+            xt[:, 0] = x0[:, 0]
+        return xt
+
+    def align_logits(self, logits):
+        if not self.shift:
+            return logits
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # row 0 is a placeholder: position 0 is given
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """Positive per-masked-token weight on −log p_θ, float64 (B,): −α′/(1−α), or in discrete time
         T·(α_s − α_t)/(1 − α_t) with s = t − 1/T (which tends to the former as T → ∞)."""
@@ -28,9 +47,9 @@ class SubsObjective(MaskedObjective):
         return 0.0
 
     def nelbo(self, logits, x0, xt, t, attention_mask=None):
-        valid = valid_mask(x0, attention_mask)
+        valid = self.targets(valid_mask(x0, attention_mask))
         sel = (xt == self.mask_id) & valid
-        logp = self.logprob.target_logprob(logits, x0, self.mask_id)
+        logp = self.logprob.target_logprob(self.align_logits(logits), x0, self.mask_id)
         logp = torch.where(sel, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))  # −∞ meets no weight
         per_token = -logp * self.weight(t.to(torch.float64)).to(logp.dtype)[:, None]
         recon = self.recon_per_token()

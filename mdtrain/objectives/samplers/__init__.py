@@ -98,6 +98,12 @@ def sample(objective, model_fn, batch_size: int, seq_len: int, steps: int,
                              f"{noise_removal!r}, {grid!r}")
         info.update(grid=grid, t_min=t_min, noise_removal=noise_removal)
         x = _template(objective, prefix, batch_size, seq_len + num_strides * stride_length, device)
+        if objective.first_target:  # shifted parameterisation: the context positions are predicted by no one
+            if bos_id is not None:
+                x[:, 0] = torch.where(x[:, 0] == objective.mask_id, bos_id, x[:, 0])
+            if (x[:, :objective.first_target] == objective.mask_id).any():
+                raise ValueError(f"objective '{objective.name}' with objective.shift=true predicts each token from "
+                                 "the one before: give the first token (a prefix, or bos_id=)")
         tokens = sample_masked(objective, model_fn, x, seq_len, steps, generator,
                                rule="analytic" if sampler == "analytic" else "ddpm", cached=sampler == "ddpm_cache",
                                grid=grid, t_min=t_min, top_p=top_p, noise_removal=noise_removal,

@@ -76,7 +76,7 @@ def _evaluate(model_fn, objective, x, need, t: float, logits, stats: Stats):
     full = idx.numel() == x.shape[0]
     xs = x if full else x[idx]
     cond = objective.cond(torch.full((xs.shape[0],), t, dtype=torch.float64, device=x.device))
-    out = model_fn(xs, cond)
+    out = objective.align_logits(model_fn(xs, cond))
     stats.nfe += 1
     stats.per_sample[idx] += 1
     if full:
