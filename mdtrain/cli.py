@@ -14,7 +14,10 @@ COMMANDS = {
     "train": ("mdtrain.cli", "train", "train from a YAML config plus key=value overrides (resumes a run dir)"),
     "eval": ("mdtrain.eval_cli", "main", "NELBO / perplexity of a run dir or checkpoint; last stdout line is JSON"),
     "sample": ("mdtrain.sampling_cli", "main", "generate text with any sampler from a run dir or checkpoint"),
-    "export": ("mdtrain.inference", "export_main", "write consolidated safetensors + config + tokenizer"),
+    "export": ("mdtrain.inference", "export_main", "write consolidated safetensors + config + tokenizer (or, with "
+               "--format hf, a Hugging Face model directory)"),
+    "import": ("mdtrain.interop.cli", "import_main", "MDLM reference checkpoints, Hugging Face causal LMs -> an "
+               "mdtrain export directory"),
     "sweep": ("mdtrain.sweep", "main", "scaling-law grid: plan / run / submit / collect / fit"),
     "launch": ("mdtrain.launch.slurm", "main", "submit `mdtrain train` to SLURM through submitit (or run it locally)"),
     "compare": ("mdtrain.compare", "main", "runs side by side: a table of their results and loss-vs-tokens/time plots"),
@@ -75,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--format", choices=["mdtrain", "hf"], default="mdtrain",
+                   help="mdtrain (load_exported) or hf (transformers loads it; see README)")
+
+    p = sub.add_parser("import", help=COMMANDS["import"][2], description=COMMANDS["import"][2])
+    p.add_argument("source", choices=["mdlm", "hf"], help="mdlm: a checkpoint of the MDLM reference code; hf: a "
+                   "local Hugging Face causal-LM directory (Llama, Qwen2, GPT-2)")
+    p.add_argument("path", help="checkpoint file or directory")
+    p.add_argument("--out", required=True, help="the mdtrain export directory to write")
+    p.add_argument("--tokenizer", default=None, help="tokenizer SPEC (hf:DIR | bytes | sentencepiece:PATH); hf "
+                   "default: hf:PATH")
+    p.add_argument("--recipe", default=None, help="YAML applied over the imported config (e.g. "
+                   "configs/adapt_llada.yaml: AR -> diffusion)")
+    p.add_argument("--no-ema", action="store_true", help="mdlm: the raw weights, not the EMA of a Lightning checkpoint")
+    _add_config_args(p)
 
     p = sub.add_parser("compare", help=COMMANDS["compare"][2], description=COMMANDS["compare"][2])
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (config.yaml + metrics.jsonl)")
@@ -111,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)  # `mdtrain train key=value ...` with no YAML file
         args.config = None
     module, func, _ = COMMANDS[args.command]
+    if args.command == "export" and args.format == "hf":
+        module, func = "mdtrain.interop.cli", "export_hf_main"
     return _run(args.command, getattr(importlib.import_module(module), func), args)
 
 

@@ -16,7 +16,7 @@ LAYERS = [
     ["mdtrain.config", "mdtrain.modeling", "mdtrain.checkpoint", "mdtrain.evaluate"],
     ["mdtrain.exported"],
     ["mdtrain.inference", "mdtrain.sampling_images"],
-    ["mdtrain.trainer", "mdtrain.eval_cli", "mdtrain.sampling_cli", "mdtrain.compare"],
+    ["mdtrain.trainer", "mdtrain.eval_cli", "mdtrain.sampling_cli", "mdtrain.compare", "mdtrain.interop"],
     ["mdtrain.launch.slurm"],
     ["mdtrain.sweep"],
     ["mdtrain.cli"],
