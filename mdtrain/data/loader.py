@@ -17,9 +17,11 @@ How the order is defined (a pure function of the dataset, the seeds and one inte
 * A finite loader (evaluation) makes one pass; its last step is completed with padding rows whose
   ``attention_mask`` is all zero, so every rank has the same number of batches and every sample counts once.
 
-webdataset reads the tar shards. Each rank reads every window (it takes B of every dp_size × B samples), so
-the tar parsing work per rank grows with dp_size (measured in bench/loader_cpu.py); the page cache shares the
-file reads among the ranks of a node.
+Each rank reads only its own samples: the order gives every position's (shard, sample number), the shards' index
+gives its bytes, and a chunk's samples are read shard by shard in file order with nearby reads merged
+(``mdtrain.data.shard_index``). A rank's reading and parsing work is proportional to its own samples, whatever
+dp_size is; only the shuffle permutation of each window it touches is computed whole (O(window) per window, the
+same on every rank). Measured in bench/loader_scale.py.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ import torch
 
 from mdtrain.data.config import DataConfig
 from mdtrain.data.errors import DataError
-from mdtrain.data.shards import read_manifest, read_shard, verify_shards
+from mdtrain.data.shard_index import SampleReader
+from mdtrain.data.shards import read_manifest, verify_shards
 from mdtrain.data.tokenizers import Tokenizer, load_tokenizer
 
 STATE_VERSION = 1
@@ -50,11 +53,9 @@ class ShardSource:
                  on_corrupt: str = "error"):
         self.root, self.split, self.on_corrupt = root, split, on_corrupt
         info = manifest["splits"][split]
-        self.paths = [os.path.join(root, sh["path"]) for sh in info["shards"]]
         self.counts = np.array([sh["samples"] for sh in info["shards"]], dtype=np.int64)
         self.num_samples = int(self.counts.sum())
         self.seq_len = int(manifest["seq_len"])
-        self.dtype = np.dtype(manifest["dtype"])
         self.shuffle, self.window = shuffle, (window if shuffle else 1)
         self.key = tuple(int(k) % (1 << 63) for k in key)  # numpy seeds must be >= 0
         per_window = self.num_samples / max(1, -(-len(self.counts) // self.window))
@@ -66,6 +67,7 @@ class ShardSource:
         self.fingerprint = hashlib.sha256(json.dumps(
             [self.seq_len, [sh["sha256"] for sh in info["shards"]]]).encode()).hexdigest()[:16]
         self.entropy = manifest.get("entropy_per_token")  # shards written from a synthetic source
+        self.reader = SampleReader(root, info["shards"], self.seq_len, np.dtype(manifest["dtype"]), on_corrupt)
         self._epochs: OrderedDict = OrderedDict()
         self._windows: OrderedDict = OrderedDict()
 
@@ -74,32 +76,32 @@ class ShardSource:
         if e not in self._epochs:
             n = len(self.counts)
             order = np.random.default_rng(self.key + (e,)).permutation(n) if self.shuffle else np.arange(n)
-            windows = [order[i:i + self.window] for i in range(0, n, self.window)]
-            starts = np.concatenate([[0], np.cumsum([self.counts[w].sum() for w in windows])])
+            cuts = np.arange(0, n, self.window)
+            windows = [order[i:i + self.window] for i in cuts.tolist()]
+            starts = np.concatenate([[0], np.cumsum(np.add.reduceat(self.counts[order], cuts))])
             self._epochs[e] = (windows, starts)
             while len(self._epochs) > 2:
                 self._epochs.popitem(last=False)
         return self._epochs[e]
 
     def _window(self, e: int, w: int):
-        """(ids[n, L], ok[n], perm[n]) of window ``w`` of epoch ``e``: row ``perm[i]`` is at position i."""
+        """(shards, first, perm) of window ``w`` of epoch ``e``: its samples are its shards' samples back to back
+        (shard ``shards[k]`` holds window samples ``first[k]..first[k+1]-1``), and position i of the window's order
+        is window sample ``perm[i]`` (a permutation seeded by epoch and window)."""
         if (e, w) not in self._windows:
             shards = self._epoch(e)[0][w]
-            parts = [read_shard(self.paths[i], int(self.counts[i]), self.seq_len, self.dtype, self.on_corrupt)
-                     for i in shards]
-            ids = np.concatenate([p[0] for p in parts])
-            ok = np.concatenate([p[1] for p in parts])
-            perm = (np.random.default_rng(self.key + (e, 1 << 20, w)).permutation(len(ids)) if self.shuffle
-                    else np.arange(len(ids)))
-            self._windows[(e, w)] = (ids, ok, perm)
-            while len(self._windows) > 2:  # with one worker, the next chunk starts in this chunk's last window
+            first = np.concatenate([[0], np.cumsum(self.counts[shards])])
+            perm = (np.random.default_rng(self.key + (e, 1 << 20, w)).permutation(int(first[-1])) if self.shuffle
+                    else None)
+            self._windows[(e, w)] = (shards, first, perm)
+            while len(self._windows) > 4:  # a chunk spans about two windows
                 self._windows.popitem(last=False)
         return self._windows[(e, w)]
 
-    def rows(self, positions: np.ndarray):
-        """Samples at stream ``positions`` -> (ids[n, L] int64, ok[n] bool)."""
-        ids = np.empty((len(positions), self.seq_len), dtype=np.int64)
-        ok = np.empty(len(positions), dtype=bool)
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, sample number in the shard) of each stream position."""
+        shard = np.empty(len(positions), dtype=np.int64)
+        sample = np.empty(len(positions), dtype=np.int64)
         epochs, local = np.divmod(positions, self.num_samples)
         for e in np.unique(epochs):
             sel = np.nonzero(epochs == e)[0]
@@ -107,26 +109,22 @@ class ShardSource:
             win = np.searchsorted(starts, local[sel], side="right") - 1
             for w in np.unique(win):
                 at = sel[win == w]
-                data, good, perm = self._window(int(e), int(w))
-                r = perm[local[at] - starts[w]]
-                ids[at] = data[r]
-                ok[at] = good[r]
-        return ids, ok
+                shards, first, perm = self._window(int(e), int(w))
+                r = local[at] - starts[w]
+                if perm is not None:
+                    r = perm[r]
+                k = np.searchsorted(first, r, side="right") - 1
+                shard[at], sample[at] = shards[k], r - first[k]
+        return shard, sample
+
+    def rows(self, positions: np.ndarray):
+        """Samples at stream ``positions`` -> (ids[n, L] int64, ok[n] bool)."""
+        return self.reader.read(*self.locate(positions))
 
     def labels_at(self, positions: np.ndarray) -> np.ndarray:
         """Class labels (int64) of the samples at stream ``positions`` (the same mapping as :meth:`rows`)."""
-        out = np.empty(len(positions), dtype=np.int64)
-        epochs, local = np.divmod(positions, self.num_samples)
-        for e in np.unique(epochs):
-            sel = np.nonzero(epochs == e)[0]
-            windows, starts = self._epoch(int(e))
-            win = np.searchsorted(starts, local[sel], side="right") - 1
-            for w in np.unique(win):
-                at = sel[win == w]
-                index = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in windows[w]])
-                r, perm = local[at] - starts[w], self._window(int(e), int(w))[2]
-                out[at] = self.labels[index[r if perm is None else perm[r]]]
-        return out
+        shard, sample = self.locate(positions)
+        return self.labels[self.offsets[shard] + sample]
 
 
 class _ChunkStream(torch.utils.data.IterableDataset):
@@ -151,19 +149,25 @@ class _ChunkStream(torch.utils.data.IterableDataset):
         pos = (self.start + steps[:, None] * (self.B * self.dp) + self.rank * self.B
                + np.arange(self.B)[None, :]).reshape(-1)
         real = pos < self.stop if self.stop is not None else np.ones(len(pos), dtype=bool)
-        ids = np.full((len(pos), self.source.seq_len), self.pad_id, dtype=np.int64)
-        ok = np.zeros(len(pos), dtype=bool)
-        if real.any():
-            ids[real], ok[real] = self.source.rows(pos[real])
+        if real.all():
+            ids, ok = self.source.rows(pos)
+            ids = np.asarray(ids, dtype=np.int64)
+        else:
+            ids = np.full((len(pos), self.source.seq_len), self.pad_id, dtype=np.int64)
+            ok = np.zeros(len(pos), dtype=bool)
+            if real.any():
+                ids[real], ok[real] = self.source.rows(pos[real])
         bad = real & ~ok  # corrupt samples (data.on_corrupt=skip) become padding rows, like the end of a pass
-        ids[bad] = self.pad_id
+        if bad.any():
+            ids[bad] = self.pad_id
         out = {"skipped": torch.from_numpy(bad.reshape(len(steps), self.B).sum(1))}
         if getattr(self.source, "labels", None) is not None:  # image classes; padding rows get class 0
             labels = np.zeros(len(pos), dtype=np.int64)
             labels[real] = self.source.labels_at(pos[real])
             out["labels"] = torch.from_numpy(labels)
-        ids = torch.from_numpy(ids)
-        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long(), **out}
+        # numpy, not torch, for the mask: torch's intra-op threads would compete with the training step's
+        mask = (ids != self.pad_id).astype(np.int64)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), **out}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -2,10 +2,17 @@
 
 Layout of a prepared directory::
 
-    manifest.json            shards with sample counts, bytes and sha256; token counts; seq_len; packing; splits
+    manifest.json            shards with sample counts, bytes, sha256 and sample index; token counts; seq_len;
+                             packing; splits
     tokenizer/               the saved tokenizer (``load_tokenizer``)
-    train/shard-000000.tar   members ``<key>.input_ids.npy``: one uint16/int32 array of ``seq_len`` ids each
+    train/shard-000000.tar   per sample: ``<key>.input_ids.npy`` (one uint16/int32 array of ``seq_len`` ids) and
+                             any extra fields (``<key>.<suffix>`` members written next to it)
+    train/shard-000000.tar.idx   only when a shard's samples differ in size: their byte offsets (shard_index.py)
     valid/shard-000000.tar
+
+Each shard entry's ``index`` says where its samples lie, so a loader reads only the samples it needs
+(``mdtrain.data.shard_index``): ``{"stride": S}`` when every sample spans S bytes, else the sidecar file above.
+Shards written before indexes existed have none; the reader derives it (see shard_index.py).
 
 Padding (packing "pad") uses the tokenizer's pad id, which text never produces, so attention_mask = ids != pad.
 """
@@ -15,19 +22,18 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 from typing import Optional
 
 import numpy as np
 
 from mdtrain.configtools import atomic_write_text
 from mdtrain.data.errors import DataError
+from mdtrain.data.shard_index import BLOCK, OFFSET_DTYPE, SUFFIX
 
 MANIFEST = "manifest.json"
 FORMAT = "mdtrain-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
-SUFFIX = "input_ids.npy"
 
 
 def sample_dtype(vocab_size: int) -> np.dtype:
@@ -38,30 +44,6 @@ def encode_sample(ids: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(ids), allow_pickle=False)
     return buf.getvalue()
-
-
-_HEADERS: dict = {}
-
-
-def decode_sample(data: bytes) -> np.ndarray:
-    """Parse one ``.npy`` member (headers are cached: every sample of a dataset has the same one)."""
-    if data[:6] != b"\x93NUMPY":
-        raise ValueError("not a .npy array")
-    start = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
-    header = bytes(data[:start])
-    parsed = _HEADERS.get(header)
-    if parsed is None:
-        f = io.BytesIO(header)
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        if fortran or dtype.hasobject or len(shape) != 1:
-            raise ValueError(f"expected a 1-D integer array, got shape {shape} dtype {dtype}")
-        parsed = _HEADERS[header] = (dtype, shape[0])
-    dtype, n = parsed
-    if len(data) - start != n * dtype.itemsize:
-        raise ValueError(f"array data is {len(data) - start} bytes, its header says {n * dtype.itemsize}")
-    return np.frombuffer(data, dtype=dtype, offset=start)
 
 
 class _HashingFile:
@@ -85,7 +67,8 @@ class _HashingFile:
 
 
 class ShardWriter:
-    """Writes one split's samples into ``<root>/<split>/shard-NNNNNN.tar`` files of ``samples_per_shard`` each.
+    """Writes one split's samples into ``<root>/<split>/shard-NNNNNN.tar`` files of ``samples_per_shard`` each, and
+    the index of each shard (module doc).
 
     Tar members carry mtime 0, so the same samples give byte-identical shards (and checksums)."""
 
@@ -98,35 +81,56 @@ class ShardWriter:
         self.num_samples = 0
         self._file: Optional[_HashingFile] = None
         self._tar = None
-        self._count = 0
+        self._offsets: list[int] = []
 
-    def write(self, ids: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, extra: Optional[dict] = None) -> None:
+        """One sample: ``ids`` becomes ``<key>.input_ids.npy``; ``extra`` maps further suffixes (``"roles.npy"``,
+        ``"cls"``) to bytes or arrays (arrays are stored as ``.npy``), written as members of the same sample."""
         if self._tar is None:
             rel = f"{self.split}/shard-{len(self.shards):06d}.tar"
             os.makedirs(os.path.join(self.root, self.split), exist_ok=True)
             self._rel = rel
             self._file = _HashingFile(os.path.join(self.root, rel + ".tmp"))
             self._tar = self._wds.TarWriter(self._file, encoder=False, mtime=0)
-        key = f"{self.split}-{self.num_samples:010d}"
-        self._tar.write({"__key__": key, SUFFIX: encode_sample(ids)})
-        self._count += 1
+        members = {SUFFIX: encode_sample(ids)}
+        for suffix, value in (extra or {}).items():
+            if suffix == SUFFIX or suffix.startswith("_") or "/" in suffix:
+                raise ValueError(f"extra field {suffix!r}: reserved or not a plain suffix")
+            members[suffix] = encode_sample(value) if isinstance(value, np.ndarray) else bytes(value)
+        self._offsets.append(self._tar.tarstream.offset)  # tarfile's own count of the archive's bytes so far
+        self._tar.write({"__key__": f"{self.split}-{self.num_samples:010d}", **members})
         self.num_samples += 1
-        if self._count == self.per_shard:
+        if len(self._offsets) == self.per_shard:
             self._close_shard()
 
     def _close_shard(self) -> None:
+        end = self._tar.tarstream.offset
         self._tar.close()
         self._file.close()
         path = os.path.join(self.root, self._rel)
         os.replace(path + ".tmp", path)
-        self.shards.append({"path": self._rel, "samples": self._count, "bytes": self._file.bytes,
-                            "sha256": self._file.sha.hexdigest()})
-        self._tar, self._file, self._count = None, None, 0
+        offsets = np.array(self._offsets + [end], dtype=np.int64)
+        sizes = np.diff(offsets)
+        if (sizes == sizes[0]).all():
+            index = {"stride": int(sizes[0])}
+        else:
+            raw = offsets.astype(OFFSET_DTYPE).tobytes()
+            atomic_write_bytes(path + ".idx", raw)
+            index = {"path": self._rel + ".idx", "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        self.shards.append({"path": self._rel, "samples": len(self._offsets), "bytes": self._file.bytes,
+                            "sha256": self._file.sha.hexdigest(), "index": index})
+        self._tar, self._file, self._offsets = None, None, []
 
     def close(self) -> list[dict]:
         if self._tar is not None:
             self._close_shard()
         return self.shards
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as fh:
+        fh.write(data)
+    os.replace(path + ".tmp", path)
 
 
 def file_sha256(path: str) -> str:
@@ -166,6 +170,7 @@ def read_manifest(root: str) -> dict:
             for sh in s["shards"]:
                 str(sh["path"]), str(sh["sha256"]), int(sh["bytes"])
                 total += int(sh["samples"])
+                _check_index(path, sh)
             if total != s["num_samples"]:
                 raise DataError(f"{path}: split '{split}' lists {s['num_samples']} samples but its shards add up "
                                 f"to {total}; the manifest was edited or is damaged")
@@ -176,64 +181,53 @@ def read_manifest(root: str) -> dict:
     return m
 
 
+def _check_index(path: str, sh: dict) -> None:
+    idx = sh.get("index")
+    if idx is None:
+        return  # written before indexes existed: the reader derives one
+    if isinstance(idx, dict) and "stride" in idx and int(idx["stride"]) > 0 and int(idx["stride"]) % BLOCK == 0:
+        return
+    if isinstance(idx, dict) and "path" in idx:
+        str(idx["path"]), int(idx["bytes"]), str(idx["sha256"])
+        return
+    raise DataError(f"{path}: shard {sh['path']!r} has a malformed index {idx!r} (expected {{'stride': a multiple "
+                    f"of {BLOCK}}} or {{'path', 'bytes', 'sha256'}}); re-run mdtrain prepare")
+
+
 def verify_shards(root: str, manifest: dict, split: str, mode: str) -> None:
-    """Check that the split's shards exist with the manifest's sizes ("size") and checksums ("sha256")."""
+    """Check that the split's shards (and sidecar indexes) exist with the manifest's sizes ("size") and checksums
+    ("sha256")."""
     if mode == "none":
         return
     for sh in manifest["splits"][split]["shards"]:
-        path = os.path.join(root, sh["path"])
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            raise DataError(f"{path}: shard listed in {os.path.join(root, MANIFEST)} is missing") from None
-        if size != sh["bytes"]:
-            raise DataError(f"{path}: {size} bytes, but the manifest says {sh['bytes']} (truncated or replaced "
-                            "shard); re-run mdtrain prepare, or set data.verify=none to read it anyway")
-        if mode == "sha256" and file_sha256(path) != sh["sha256"]:
-            raise DataError(f"{path}: sha256 differs from the manifest's (the shard was modified or is corrupt)")
+        files = [(os.path.join(root, sh["path"]), sh, "shard")]
+        if "path" in (sh.get("index") or {}):
+            files.append((os.path.join(root, sh["index"]["path"]), sh["index"], "sample index"))
+        for path, entry, what in files:
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                raise DataError(f"{path}: {what} listed in {os.path.join(root, MANIFEST)} is missing") from None
+            if size != entry["bytes"]:
+                raise DataError(f"{path}: {size} bytes, but the manifest says {entry['bytes']} (truncated or replaced "
+                                f"{what}); re-run mdtrain prepare, or set data.verify=none to read it anyway")
+            if mode == "sha256" and file_sha256(path) != entry["sha256"]:
+                raise DataError(f"{path}: sha256 differs from the manifest's (the {what} was modified or is corrupt)")
 
 
 def read_shard(path: str, expect: int, seq_len: int, dtype: np.dtype, on_corrupt: str = "error"):
-    """All samples of one shard as ``(ids[expect, seq_len], ok[expect])``.
-
-    With ``on_corrupt="error"`` any problem (unreadable or truncated tar, a bad member, a count or shape that
-    differs from the manifest) raises a DataError naming the shard; with "skip" the affected rows are
-    returned with ``ok=False`` so the caller can count and mask them.
-    """
-    from webdataset.tariterators import tar_file_iterator
-
-    out = np.zeros((expect, seq_len), dtype=dtype)
-    ok = np.zeros(expect, dtype=bool)
-    n = 0
-
-    def problem(msg):
-        if on_corrupt == "error":
-            raise DataError(f"{path}: {msg}; re-run mdtrain prepare or restore the file "
-                            "(data.on_corrupt=skip masks bad samples instead)")
+    """All samples of one shard as ``(ids[expect, seq_len] int64, ok[expect])``, for tools that read whole shards
+    (the loader reads by sample index). Problems raise a DataError naming the shard, or with
+    ``on_corrupt="skip"`` come back as rows with ``ok=False``."""
+    from mdtrain.data.shard_index import SampleReader
 
     try:
-        fh = open(path, "rb")
+        size = os.path.getsize(path)
     except OSError as e:
         raise DataError(f"{path}: cannot open shard ({e.strerror})") from None
-    with fh:
-        try:
-            for member in tar_file_iterator(fh):
-                if n >= expect:
-                    problem(f"holds more than the {expect} samples its manifest lists")
-                    break
-                try:
-                    arr = decode_sample(member["data"])
-                    if arr.shape[0] != seq_len:
-                        raise ValueError(f"{arr.shape[0]} tokens, the manifest's seq_len is {seq_len}")
-                    out[n] = arr
-                    ok[n] = True
-                except ValueError as e:
-                    problem(f"member {member['fname']!r} (sample {n}) is bad: {e}")
-                n += 1
-        except (tarfile.TarError, EOFError, OSError) as e:
-            msg = str(e).split(" @ ")[0]
-            problem(f"corrupt or truncated tar shard after {n} of {expect} samples ({type(e).__name__}: {msg})")
-    if n < expect:
-        problem(f"holds {n} samples, the manifest lists {expect} (truncated shard?)")
-    return out, ok
-
+    entry = {"path": os.path.basename(path), "samples": int(expect), "bytes": size}  # no index: derived or walked
+    reader = SampleReader(os.path.dirname(path), [entry], seq_len, dtype, on_corrupt)
+    try:
+        return reader.read(np.zeros(expect, dtype=np.int64), np.arange(expect, dtype=np.int64))
+    finally:
+        reader.close()
