@@ -67,7 +67,8 @@ class ShardSource:
         self.fingerprint = hashlib.sha256(json.dumps(
             [self.seq_len, [sh["sha256"] for sh in info["shards"]]]).encode()).hexdigest()[:16]
         self.entropy = manifest.get("entropy_per_token")  # shards written from a synthetic source
-        self.reader = SampleReader(root, info["shards"], self.seq_len, np.dtype(manifest["dtype"]), on_corrupt)
+        self.reader = SampleReader(root, info["shards"], self.seq_len, np.dtype(manifest["dtype"]), on_corrupt,
+                                   split=split)
         self._epochs: OrderedDict = OrderedDict()
         self._windows: OrderedDict = OrderedDict()
 

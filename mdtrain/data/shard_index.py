@@ -10,10 +10,12 @@ Where the spans come from (``ShardIndex``), cheapest first:
   size): sample j starts at j·S.
 * ``"index": {"path": P, "bytes": n, "sha256": h}``: a sidecar file of count+1 little-endian uint64 offsets
   (samples of unequal sizes); a read fetches only the entries it needs.
-* no index (shards prepared before indexes existed held exactly one ``input_ids.npy`` member per sample): the
-  stride follows from seq_len and dtype, checked against the shard's size in the manifest.
-* otherwise (the check fails, or the index does not fit the shard) the tar headers are walked once, 512 bytes
-  per member, and the offsets kept.
+* no index (shards prepared before indexes existed held exactly one ``input_ids.npy`` member per sample, named
+  ``<split>-<n:010d>`` for sample n of the split): the stride follows from seq_len and dtype, checked against the
+  shard's size in the manifest, and every read checks the sample's key, so a wrong guess cannot deliver a wrong
+  sample.
+* otherwise (those checks fail, or a stride does not fit the shard's size) the shard's tar headers are walked
+  once, 512 bytes per member, and the offsets kept.
 
 A read checks what it reads: each member's header checksum, type and name, that the members tile the span exactly
 and share one key, and the ``.npy`` header of the ids. A failure is a DataError naming the shard and sample (or,
@@ -109,8 +111,8 @@ def _long_name(kind: int, body: bytes, previous: Optional[bytes]) -> Optional[by
     return previous
 
 
-def parse_span(buf, start: int, end: int, headers: list, stored: list) -> dict:
-    """Members of the sample in ``buf[start:end]`` -> {suffix: (data offset, size)}. Header offsets and their stored
+def parse_span(buf, start: int, end: int, headers: list, stored: list) -> tuple[bytes, dict]:
+    """Members of the sample in ``buf[start:end]`` -> (key, {suffix: (data offset, size)}). Header offsets and their stored
     checksums are appended to ``headers`` / ``stored`` (checked in one batch by ``checksums_ok``). Raises BadSample
     unless the members tile the span exactly and share one key."""
     fields, key, pos, longname = {}, None, start, None
@@ -144,7 +146,7 @@ def parse_span(buf, start: int, end: int, headers: list, stored: list) -> dict:
         fields[suffix] = (data, size)
     if key is None:
         raise BadSample("no member with a suffix")
-    return fields
+    return key, fields
 
 
 def checksums_ok(buf: bytes, headers: list, stored: list) -> np.ndarray:
@@ -199,16 +201,20 @@ class SampleReader:
     ``max_open`` shard files open; pickles without them (DataLoader workers reopen their own)."""
 
     def __init__(self, root: str, entries: list[dict], seq_len: int, dtype: np.dtype, on_corrupt: str = "error",
-                 max_open: int = 128):
+                 split: str = "", max_open: int = 128):
         from mdtrain.data.shards import encode_sample
 
-        self.root, self.entries, self.seq_len = root, entries, seq_len
+        self.root, self.entries, self.seq_len, self.split = root, entries, seq_len, split
         self.on_corrupt, self.max_open = on_corrupt, max_open
         self.paths = [os.path.join(root, e["path"]) for e in entries]
         self.counts = np.array([int(e["samples"]) for e in entries], dtype=np.int64)
         # shards written before indexes existed hold one input_ids.npy member per sample: a known stride
         legacy = BLOCK + padded(len(encode_sample(np.zeros(seq_len, dtype=dtype))))
         self.strides = np.array([shard_stride(e, legacy) for e in entries], dtype=np.int64)
+        # shards without an index: their stride is derived, and each read checks the sample's key against the one
+        # `mdtrain prepare` gave it (its number in the split), so a wrong guess can never deliver a wrong sample
+        self.derived = np.array([e.get("index") is None for e in entries], dtype=bool)
+        self.first = np.concatenate([[0], np.cumsum(self.counts)])
         self.bytes_read = self.reads = 0
         self._index: dict = {}
         self._fds: OrderedDict = OrderedDict()
@@ -253,6 +259,9 @@ class SampleReader:
         self.reads += 1
         self.bytes_read += got
         return got
+
+    def _legacy_key(self, s: int, j: int) -> bytes:
+        return f"{self.split}-{int(self.first[s]) + j:010d}".encode()
 
     def _problem(self, path: str, msg: str) -> None:
         if self.on_corrupt == "error":
@@ -348,6 +357,7 @@ class SampleReader:
         if (uj >= self.counts[us]).any():
             raise ValueError("sample number past the end of its shard")
         stride = self.strides[us]
+        derived = (self.derived[us] & (stride > 0)).tolist()  # read at a derived stride: check the key
         starts = uj * stride
         ends = starts + stride
         known = np.ones(len(uj), dtype=bool)
@@ -366,14 +376,17 @@ class SampleReader:
             stop.append(lo + got)
             at += hi - lo
         view.release()
-        headers, stored, owner, good = [], [], [], []
+        headers, stored, owner, good, retry = [], [], [], [], []
         for i, r, lo, hi in zip(kn.tolist(), which, starts[kn].tolist(), ends[kn].tolist()):
             mark = len(headers)
             try:
                 if hi > stop[r]:
                     raise Truncated(f"corrupt or truncated tar shard: sample {int(uj[i])} (bytes {lo}-{hi}) lies "
                                     f"past the end of the file at byte {stop[r]}")
-                fields = parse_span(buf, lo + shift[r], hi + shift[r], headers, stored)
+                key, fields = parse_span(buf, lo + shift[r], hi + shift[r], headers, stored)
+                if derived[i] and key != self._legacy_key(int(us[i]), int(uj[i])):
+                    raise BadSample(f"key {key.decode(errors='replace')!r} is not the one `mdtrain prepare` gave "
+                                    "this sample")
                 if SUFFIX not in fields:
                     raise BadSample(f"no {SUFFIX} member")
                 dtype, count, start = _npy_layout(buf, *fields[SUFFIX])
@@ -383,6 +396,10 @@ class SampleReader:
                 del headers[mark:], stored[mark:]
                 ids[urow[i]] = 0
                 j, path = int(uj[i]), self.paths[int(us[i])]
+                if derived[i]:
+                    self.strides[us[i]] = 0  # the derived layout does not hold: walk this shard's headers instead
+                    retry.append(i)
+                    continue
                 if isinstance(e, Truncated):
                     self._problem(path, str(e))
                 elif isinstance(e, ArchiveEnded):
@@ -406,6 +423,8 @@ class SampleReader:
             if f:
                 ids[rows[i]] = np.frombuffer(buf, dtype=dtype, count=L, offset=start)
                 ok[rows[i]] = True
+        if retry:
+            ids[urow[retry]], ok[urow[retry]] = self.read(us[retry], uj[retry])
         if not first.all():
             src = np.empty(n, dtype=np.int64)
             src[order] = urow[np.cumsum(first) - 1]
