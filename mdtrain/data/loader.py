@@ -9,7 +9,8 @@ How the order is defined (a pure function of the dataset, the seeds and one inte
   positions of the stream; DP rank ``r`` gets the ``r``-th block of ``B``. So every sample is used exactly
   once per epoch, every rank has a batch at every step (no hang at an epoch's end, whatever the shard sizes),
   and tensor-parallel ranks of one DP rank (same ``dp_rank``) get the same batch.
-* Batches are made in chunks of consecutive steps (about two shuffle windows of the stream). DataLoader
+* Batches are made in chunks of consecutive steps (about two shuffle windows of the stream, and at least
+  MIN_CHUNK_SAMPLES of this rank's samples, so per-chunk costs stay small at any dp_size). DataLoader
   worker ``w`` of ``W`` makes chunks ``w, w+W, ...``; the DataLoader returns them round-robin, so the batch
   sequence does not depend on ``W``, and each window is read by about one worker of a rank.
 * The state is the stream position of the next step, the same on every rank. A resume continues from it,
@@ -44,6 +45,7 @@ from mdtrain.data.shards import read_manifest, verify_shards
 from mdtrain.data.tokenizers import Tokenizer, load_tokenizer
 
 STATE_VERSION = 1
+MIN_CHUNK_SAMPLES = 256
 
 
 class ShardSource:
@@ -241,9 +243,12 @@ class Loader:
         self.num_workers, self.prefetch = cfg.num_workers, cfg.prefetch
         self.pin_memory = cfg.pin_memory and torch.cuda.is_available()
         self.shuffle_window = cfg.shuffle_window
-        # steps per chunk: about two shuffle windows of the stream, at most ~32 MB of this rank's int64 rows
+        # steps per chunk: about two shuffle windows of the stream but at least MIN_CHUNK_SAMPLES of this rank's
+        # samples (at a large dp_size one step is a few of its samples, too few to pay for a chunk's fixed costs),
+        # and at most ~32 MB of this rank's int64 rows
         steps_cap = max(1, (32 << 20) // (self.seq_len * 16 * batch_size))
-        self.steps_per_chunk = max(1, min(steps_cap, -(-source.chunk_positions // (batch_size * dp_size))))
+        want = max(-(-source.chunk_positions // (batch_size * dp_size)), -(-MIN_CHUNK_SAMPLES // batch_size))
+        self.steps_per_chunk = max(1, min(steps_cap, want))
         self.consumed = 0  # stream position of the next step's first sample (the same on every rank)
         self.pass_start = 0  # finite loaders: where the current pass began
         self.skipped_samples = 0
