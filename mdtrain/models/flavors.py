@@ -7,6 +7,8 @@
 | small   |     12 |     768 |    12 |  128 | MDLM small: 169.6M; causal 162.2M; md4 variant 165.9M (MD4-S)          |
 | medium  |     24 |    1024 |    16 |  128 | MDLM medium: 424.5M; md4 variant 416.2M (MD4-M)                        |
 | large   |     36 |    1280 |    20 |  128 | GPT-2-large shape (ours; neither paper trains it): 872.9M at V = 50258 |
+| 1.3b    |     24 |    2048 |    16 |  128 | GPT-3 XL shape (ours): 1,452.8M at V = 50258; 1,246.9M non-embedding   |
+| 7b      |     32 |    4096 |    32 |  128 | LLaMA-7B shape, 4x GELU MLP (ours): 6,957.7M; non-embedding 6,545.9M   |
 | md4-cifar10 | 32 |     128 |     1 |  128 | unet: MD4's CIFAR-10 U-Net (32 res blocks per side, 128 channels), 28.4M |
 
 The ``ladder-<N>M`` flavors are a scaling-sweep grid: the (layers, width, heads) shapes of SMDM's
@@ -54,6 +56,8 @@ FLAVORS: dict[str, Flavor] = {
     "small": Flavor(12, 768, 12),
     "medium": Flavor(24, 1024, 16),
     "large": Flavor(36, 1280, 20),
+    "1.3b": Flavor(24, 2048, 16),
+    "7b": Flavor(32, 4096, 32),
     "md4-cifar10": Flavor(32, 128, 1, 128),  # model.name=unet: MD4's CIFAR-10 U-Net, 28.4M parameters
     **{name: Flavor(*shape) for name, shape in _LADDER.items()},
 }
