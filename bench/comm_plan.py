@@ -46,8 +46,7 @@ import collections
 import math
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -240,7 +239,8 @@ def plan_row(sh: Shapes, lay: Layout, micro_seqs: int, seq_len: int, accum: int,
     tokens = micro_seqs * seq_len * accum / lay.tp  # per GPU (a TP group shares its micro-batches)
     compute = sh.flops_per_token * tokens / (a.mfu * a.peak_tflops * 1e12)
     # ddp syncs in the last micro-batch's backward only; fsdp / zero3 communicate during every micro-batch
-    hide = {"ddp": 2 / 3 * compute / accum, "fsdp": compute, "fsdp-keep": compute, "zero3": compute}.get(lay.engine, 0.0)
+    hide = {"ddp": 2 / 3 * compute / accum, "fsdp": compute, "fsdp-keep": compute,
+            "zero3": compute}.get(lay.engine, 0.0)
     step = compute + max(0.0, secs["dp"] - hide) + secs["tp"]
     serial = compute + secs["dp"] + secs["tp"]
     return {"layout": lay.name, "gpus": lay.dp * lay.tp, "micro": micro_seqs, "accum": accum,
@@ -384,16 +384,16 @@ def _counter(labels: dict):
 
 def _check_rank(rank: int, world: int, specs: list) -> list:
     """In every rank: for each (engine, zero_stage, tp), one warm-up-free measured step after two warm-up steps."""
+    import json
+    import tempfile
+    from types import SimpleNamespace
+
     import torch
 
     from mdtrain.config import ParallelConfig
+    from mdtrain.modeling import build_objective_and_model
     from mdtrain.objectives.config import ObjectiveConfig
-    from mdtrain.models import build_model
-    from mdtrain.objectives import build_objective
     from mdtrain.parallel import build_engine, init_distributed
-
-    import json
-    import tempfile
 
     results = []
     for spec in specs:
@@ -407,12 +407,12 @@ def _check_rank(rank: int, world: int, specs: list) -> list:
             continue
         ctx = init_distributed(tp=tp)
         torch.manual_seed(0)
-        objective = build_objective(ObjectiveConfig(name="mdlm"), CHECK_VOCAB, CHECK_VOCAB - 1)
-        model = build_model(_check_cfg(), CHECK_VOCAB, CHECK_LEN)
+        cfg = SimpleNamespace(model=_check_cfg(), objective=ObjectiveConfig(name="mdlm"))
+        model, objective = build_objective_and_model(cfg, CHECK_VOCAB, CHECK_VOCAB - 1, CHECK_LEN)
         labels = {}
-        if tp > 1:
+        if tp > 1:  # as the trainer does: the objective gets the vocab-parallel log-prob reader
             from mdtrain.parallel.tensor_parallel import apply_tensor_parallel, tp_info
-            model = apply_tensor_parallel(model, ctx)
+            model = apply_tensor_parallel(model, ctx, objective)
             labels[tp_info(model).group.group_name] = "tp"
         pcfg = ParallelConfig(engine=engine, zero_stage=stage, tp=tp, deepspeed_config=ds_json)
         eng = build_engine(pcfg, model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), ctx,
@@ -420,8 +420,10 @@ def _check_rank(rank: int, world: int, specs: list) -> list:
         g = torch.Generator().manual_seed(ctx.dp_rank)
         x = torch.randint(0, CHECK_VOCAB - 1, (CHECK_B, CHECK_LEN), generator=g)
 
+        from mdtrain.objectives.protocol import make_model_fn
+
         def step():
-            loss, _ = objective.loss(lambda xt, cond=None, attn=None: eng.model(xt, cond, attn), x)
+            loss, _ = objective.loss(make_model_fn(eng.model), x)
             eng.backward(loss)
             eng.step(1.0)
 

@@ -112,9 +112,9 @@ def _long_name(kind: int, body: bytes, previous: Optional[bytes]) -> Optional[by
 
 
 def parse_span(buf, start: int, end: int, headers: list, stored: list) -> tuple[bytes, dict]:
-    """Members of the sample in ``buf[start:end]`` -> (key, {suffix: (data offset, size)}). Header offsets and their stored
-    checksums are appended to ``headers`` / ``stored`` (checked in one batch by ``checksums_ok``). Raises BadSample
-    unless the members tile the span exactly and share one key."""
+    """Members of the sample in ``buf[start:end]`` -> (key, {suffix: (data offset, size)}). Header offsets and their
+    stored checksums are appended to ``headers`` / ``stored`` (checked in one batch by ``checksums_ok``). Raises
+    BadSample unless the members tile the span exactly and share one key."""
     fields, key, pos, longname = {}, None, start, None
     while pos < end:
         if pos + BLOCK > end:
