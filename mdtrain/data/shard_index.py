@@ -24,6 +24,7 @@ with ``on_corrupt="skip"``, a row marked bad). Flipped bytes inside the token da
 """
 from __future__ import annotations
 
+import io
 import os
 from collections import OrderedDict
 from typing import Optional
@@ -38,6 +39,13 @@ OFFSET_DTYPE = np.dtype("<u8")  # sidecar index entries
 MAX_READ = 16 << 20  # one coalesced read at most
 GAP_FRACTION = 0.25  # a gap joins two reads when it is at most this fraction of the useful bytes so far
 SUFFIX = "input_ids.npy"
+
+
+def encode_sample(ids: np.ndarray) -> bytes:
+    """One array as a ``.npy`` member (never pickled)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(ids), allow_pickle=False)
+    return buf.getvalue()
 
 
 def padded(n: int) -> int:
@@ -202,8 +210,6 @@ class SampleReader:
 
     def __init__(self, root: str, entries: list[dict], seq_len: int, dtype: np.dtype, on_corrupt: str = "error",
                  split: str = "", max_open: int = 128):
-        from mdtrain.data.shards import encode_sample
-
         self.root, self.entries, self.seq_len, self.split = root, entries, seq_len, split
         self.on_corrupt, self.max_open = on_corrupt, max_open
         self.paths = [os.path.join(root, e["path"]) for e in entries]
@@ -446,8 +452,6 @@ def _npy_layout(data: bytes, off: int, size: int) -> tuple[np.dtype, int, int]:
     header = bytes(data[off:off + hlen])
     parsed = _NPY_HEADERS.get(header)
     if parsed is None:
-        import io
-
         f = io.BytesIO(header)
         try:
             version = np.lib.format.read_magic(f)

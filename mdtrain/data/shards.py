@@ -19,7 +19,6 @@ Padding (packing "pad") uses the tokenizer's pad id, which text never produces, 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from typing import Optional
@@ -28,7 +27,7 @@ import numpy as np
 
 from mdtrain.configtools import atomic_write_text
 from mdtrain.data.errors import DataError
-from mdtrain.data.shard_index import BLOCK, OFFSET_DTYPE, SUFFIX
+from mdtrain.data.shard_index import BLOCK, OFFSET_DTYPE, SUFFIX, encode_sample
 
 MANIFEST = "manifest.json"
 FORMAT = "mdtrain-shards"
@@ -38,12 +37,6 @@ SPLITS = ("train", "valid")
 
 def sample_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
-
-
-def encode_sample(ids: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(ids), allow_pickle=False)
-    return buf.getvalue()
 
 
 class _HashingFile:
