@@ -15,7 +15,8 @@ class DataConfig:
     seq_len: int = doc(128, "tokens per sample (must match the prepared shards)")
     num_workers: int = doc(0, "DataLoader worker processes per rank; 0 = a background thread")
     prefetch: int = doc(2, "chunks prepared ahead per worker or by the background thread (a chunk is this "
-                        "rank's batches from about two shuffle windows, at most ~32 MB)")
+                        "rank's batches from about two shuffle windows and at least 256 of its samples, at most "
+                        "~32 MB)")
     pin_memory: bool = doc(True, "page-locked batches for asynchronous host-to-GPU copies (only with CUDA)")
     seed: int = doc(0, "seed of the train order's shuffles, together with the seed the trainer passes to the "
                     "loader (the validation order is never shuffled)")
