@@ -34,12 +34,21 @@ class ModelDims:
         return self.d_model // self.n_heads
 
 
-class Backbone(nn.Module):
-    """``forward(x (B, L) int, cond (B,) float | None, attention_mask (B, L) | None) -> fp32 logits (B, L, V)``.
+def per_position(mod: torch.Tensor) -> torch.Tensor:
+    """A modulation computed from the time embedding, broadcastable over positions: (B, k) -> (B, 1, k); a
+    per-token one (B, L, k) stays as it is."""
+    return mod[:, None] if mod.dim() == 2 else mod
 
-    ``cond`` is the scalar time conditioning (the objective decides whether it is sigma or t; None means zeros).
-    Blocks are called as ``block(h, c, ctx, mask)`` with ``c`` the activated time embedding (None without time
-    conditioning), ``ctx`` what ``block_context`` returns and ``mask`` the (B, L) bool padding mask or None.
+
+class Backbone(nn.Module):
+    """``forward(x (B, L) int, cond (B,) | (B, L) float | None, attention_mask (B, L) | None) -> fp32 logits
+    (B, L, V)``.
+
+    ``cond`` is the time conditioning (the objective decides whether it is sigma or t; None means zeros): one value
+    per sequence (B,) or one per token (B, L) (block diffusion: each block at its own noise level). Blocks are
+    called as ``block(h, c, ctx, mask)`` with ``c`` the activated time embedding ((B, C) or (B, L, C); None without
+    time conditioning), ``ctx`` what ``block_context`` returns and ``mask`` the (B, L) bool padding mask or None.
+    General attention masks, position ids and KV caches are the transformer's (``Transformer.forward``).
     """
 
     def __init__(self, dims: ModelDims, vocab_size: int, conditioned: bool):
@@ -89,11 +98,14 @@ class Backbone(nn.Module):
     def block_context(self, length: int, device: torch.device, offset: int = 0):
         return None
 
-    def condition(self, cond: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    def condition(self, cond: torch.Tensor | None, batch: int, device: torch.device,
+                  length: int | None = None) -> torch.Tensor | None:
         if self.time_embed is None:
             return None
         if cond is None:
             cond = torch.zeros(batch, device=device)
+        if cond.dim() == 2 and length is not None and cond.shape == (batch, length) and length > 1:
+            return self.dims.variant.act(self.time_embed(cond.reshape(-1))).view(batch, length, -1)
         cond = cond.reshape(-1).expand(batch) if cond.numel() == 1 else cond.reshape(batch)
         return self.dims.variant.act(self.time_embed(cond))
 
@@ -106,17 +118,22 @@ class Backbone(nn.Module):
     def output(self, h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         h = self.final_norm(h)
         if self.final_adaLN is not None:
-            shift, scale = self.final_adaLN(c)[:, None].chunk(2, dim=-1)
+            shift, scale = per_position(self.final_adaLN(c)).chunk(2, dim=-1)
             h = modulate(h, shift, scale)
-        return self.head(h).float()  # log-softmax downstream wants fp32, never bf16 logits
+        logits = self.head(h)
+        # log-softmax downstream wants fp32, never bf16 logits; a float64 model (exactness tests) keeps float64
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, length = x.shape
         h = self.embed_tokens(x)
-        c = self.condition(cond, b, x.device)
+        c = self.condition(cond, b, x.device, length)
         mask = None
         if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"model.name={self.dims.name} takes a (B, L) padding mask only, got shape "
+                                 f"{tuple(attention_mask.shape)}; general attention masks need model.name=dit")
             mask = attention_mask.to(device=x.device, dtype=torch.bool)
             if bool(mask.all()):
                 mask = None  # no padding: keep the fast unmasked kernels

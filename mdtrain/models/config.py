@@ -26,8 +26,9 @@ class ModelConfig:
     cond_dim: Optional[int] = doc(None, "override the flavor's time-conditioning width")
     dropout: float = doc(0.1, "dropout probability (MDLM: 0.1; MD4 OWT: 0.02)")
     attention: str = doc("auto", "attention kernel: auto (flash-attn when importable and the inputs are CUDA "
-                                 "bf16/fp16, else scaled_dot_product_attention), flash (require flash-attn), sdpa",
-                         choices=("auto", "flash", "sdpa"))
+                                 "bf16/fp16, flex attention for general masks such as bd3lm's on CUDA, else "
+                                 "scaled_dot_product_attention), flash (require flash-attn), flex (flex attention "
+                                 "for every call; eager on CPU), sdpa", choices=("auto", "flash", "sdpa", "flex"))
     mamba_backend: str = doc("auto", "dimamba scan: auto (mamba-ssm's Triton SSD kernel when importable and on CUDA, "
                                      "else pure PyTorch), triton (require the kernel), torch",
                              choices=("auto", "triton", "torch"))

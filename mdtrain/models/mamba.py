@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mdtrain.models.backbone import Backbone, ModelDims
+from mdtrain.models.backbone import Backbone, ModelDims, per_position
 from mdtrain.models.layers import LayerNorm, branch_dropout, modulate
 
 EXPAND = 2          # d_inner = EXPAND * d_model (Mamba default)
@@ -199,7 +199,7 @@ class MambaBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(dims.cond_dim, 3 * d)
 
     def forward(self, x, c, ctx=None, mask=None):
-        shift, scale, gate = self.adaLN_modulation(c)[:, None].chunk(3, dim=-1)
+        shift, scale, gate = per_position(self.adaLN_modulation(c)).chunk(3, dim=-1)
         out = self.mixer(modulate(self.norm(x), shift, scale), mask)
         return x + gate * branch_dropout(out, self.dropout, self.training, self.variant.channel_dropout)
 
