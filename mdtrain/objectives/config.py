@@ -5,12 +5,13 @@ place, :func:`resolve_objective`, so that `mdtrain train --help-config` and the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 from mdtrain.configtools import ConfigError, doc
 
-OBJECTIVE_NAMES = ("mdlm", "md4", "genmd4", "d3pm", "sedd", "ar")
+OBJECTIVE_NAMES = ("mdlm", "md4", "genmd4", "d3pm", "sedd", "ar", "bd3lm")
 SAMPLER_NAMES = ("auto", "ddpm", "ddpm_cache", "ancestral", "analytic", "ar")
 
 # Per-objective conventions (MDLM's configs/config.yaml; MD4's and GenMD4's configs/openwebtext.py and Shi et al. 2024,
@@ -22,6 +23,8 @@ _DEFAULTS = {
     "d3pm": dict(schedule="loglinear", sampling_eps=1e-3, T=1000, time_conditioning=True),
     "sedd": dict(schedule="loglinear", sampling_eps=1e-3, T=0, time_conditioning=True),
     "ar": dict(schedule="", sampling_eps=0.0, T=0, time_conditioning=False),
+    # BD3-LM (Arriola et al. 2025): MDLM's conventions inside each block (bd3lms configs/algo/bd3lm.yaml)
+    "bd3lm": dict(schedule="loglinear", sampling_eps=1e-3, T=0, time_conditioning=False),
 }
 
 
@@ -50,6 +53,15 @@ class ObjectiveConfig:
     shift: bool = doc(False, "mdlm/md4: shifted parameterisation (Dream, DiffuLLaMA): the network's output at position "
                              "i predicts token i+1, so an AR model's head is reused; position 0 is context (never "
                              "masked, not counted) and sampling needs it given (a prefix or BOS)")
+    block_size: int = doc(0, "bd3lm: tokens per block, dividing data.seq_len (1 = the AR likelihood, seq_len = "
+                             "MDLM; the paper: 4, 8, 16); 0 for every other objective")
+    clip: list[float] = doc([], "bd3lm: [beta, omega], training draws each block's t from U[beta, omega] (the "
+                                "paper's clipped, variance-reduced schedule, e.g. [0.45, 0.95]); evaluation always "
+                                "uses the full interval; [] = U[sampling_eps, 1]")
+    resample: bool = doc(False, "bd3lm with clip: keep every block's masked fraction inside [beta, omega] (the "
+                                "reference's training.resample; drawn exactly from the truncated binomial)")
+    ignore_bos: bool = doc(True, "bd3lm: the first token of every sequence is context, never masked nor scored "
+                                 "(the reference's ignore_bos; with block_size=1 the NELBO is the AR likelihood)")
 
     def validate(self):
         resolve_objective(self)
@@ -67,12 +79,14 @@ def resolve_objective(cfg: ObjectiveConfig) -> dict:
             d[key] = getattr(cfg, key)
     d.update(name=cfg.name, schedule_eps=cfg.schedule_eps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
              antithetic=cfg.antithetic, importance_sampling=cfg.importance_sampling, subs_masking=cfg.subs_masking,
-             genmd4_power_init=cfg.genmd4_power_init, shift=cfg.shift)
+             genmd4_power_init=cfg.genmd4_power_init, shift=cfg.shift, block_size=cfg.block_size,
+             clip=list(cfg.clip), resample=cfg.resample, ignore_bos=cfg.ignore_bos)
     name, sched = cfg.name, d["schedule"]
 
     def bad(msg):
         return ConfigError(f"objective.name={name}: {msg}")
 
+    _check_block_diffusion(cfg, bad)
     if name == "ar":
         if cfg.schedule or cfg.T or cfg.time_conditioning or cfg.importance_sampling:
             raise bad("ar has no schedule, time steps or time conditioning; leave objective.schedule, T, "
@@ -113,6 +127,29 @@ def resolve_objective(cfg: ObjectiveConfig) -> dict:
             raise bad("objective.importance_sampling needs objective.name=mdlm with schedule loglinear or "
                       f"linear_sigma (got schedule {sched!r})")
     return d
+
+
+def _check_block_diffusion(cfg: ObjectiveConfig, bad) -> None:
+    if cfg.name != "bd3lm":
+        if cfg.block_size or cfg.clip or cfg.resample:
+            raise bad("objective.block_size, clip and resample belong to objective.name=bd3lm")
+        return
+    b = cfg.block_size
+    if b < 1:
+        raise bad(f"set objective.block_size >= 1 (tokens per block, dividing data.seq_len; the paper uses 4, 8, "
+                  f"16), got {b}")
+    if cfg.clip:
+        if len(cfg.clip) != 2 or not 0 < cfg.clip[0] <= cfg.clip[1] <= 1:
+            raise bad(f"objective.clip must be [beta, omega] with 0 < beta <= omega <= 1, got {cfg.clip}")
+        if cfg.T:
+            raise bad("objective.clip is a continuous-time schedule; set objective.T=0")
+    if cfg.resample:
+        if not cfg.clip:
+            raise bad("objective.resample keeps masked fractions inside objective.clip; set clip=[beta, omega]")
+        lo, hi = math.ceil(cfg.clip[0] * b - 1e-9), math.floor(cfg.clip[1] * b + 1e-9)
+        if lo > hi:
+            raise bad(f"objective.clip={cfg.clip} admits no masked count of a block of {b} tokens "
+                      f"(needs ceil(beta*b) <= floor(omega*b)); widen it or turn objective.resample off")
 
 
 @dataclass

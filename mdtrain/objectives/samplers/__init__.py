@@ -8,6 +8,8 @@
 - ``analytic``: SEDD τ-leaping (sedd and every scalar-schedule objective); ancestral noise removal.
 - ``ar``: left to right, through the model's KV cache (``decode_step``) when it has one; ``steps`` unused.
 - ``auto``: ar for the ar objective, else ddpm_cache.
+- bd3lm: ddpm / ddpm_cache run block by block with an exact KV cache, to any length, stopping at ``eos_id``
+  (``samplers/bd3lm.py``); ``steps`` per block.
 
 Returns ``(tokens LongTensor (B, seq_len + num_strides·stride_length), info)`` with ``info["nfe"]`` (network calls),
 ``info["nfe_per_sample"]`` (network evaluations of each sequence) and the settings used. Every draw comes from
@@ -46,14 +48,15 @@ def sample(objective, model_fn, batch_size: int, seq_len: int, steps: int,
            generator: Optional[torch.Generator] = None, sampler: str = "ddpm_cache", *, top_p: float = 1.0,
            noise_removal: str = "auto", grid: str = "auto", t_min: Optional[float] = None, stride_length: int = 0,
            num_strides: int = 0, prefix: Optional[torch.Tensor] = None, template: Optional[torch.Tensor] = None,
-           bos_id: Optional[int] = None, device=None):
+           bos_id: Optional[int] = None, eos_id: Optional[int] = None, device=None):
     """Generate ``batch_size`` sequences of the model length ``seq_len`` (longer with semi-AR strides).
 
     Options: ``top_p`` nucleus; ``noise_removal`` greedy / ancestral / none for masks left at the end;
     ``grid`` uniform / cosine and ``t_min`` for the time grid; ``stride_length`` S and ``num_strides`` K for
     semi-autoregressive generation of seq_len + K·S tokens; ``prefix`` (alias ``template``): a LongTensor
     (B or 1, ≤ output length) of given tokens with mask_id where free (prefix, infill) — given tokens never change;
-    ``bos_id``: first token for ar without a prefix; ``device``: where tokens live (default: the prefix's, else
+    ``bos_id``: first token for ar (and bd3lm) without a prefix; ``eos_id``: bd3lm stops a sequence at its first
+    generated EOS (``info["lengths"]``); ``device``: where tokens live (default: the prefix's, else
     ``model_fn.device`` if set, else the generator's).
     """
     if prefix is not None and template is not None:
@@ -73,7 +76,19 @@ def sample(objective, model_fn, batch_size: int, seq_len: int, steps: int,
     stats = Stats(batch_size, torch.device(device))
     info = {"sampler": sampler, "steps": steps, "top_p": top_p}
 
-    if sampler == "ar":
+    if getattr(objective, "block_size", 0):  # bd3lm
+        from mdtrain.objectives.samplers.bd3lm import sample_blocks
+        if sampler not in ("ddpm", "ddpm_cache"):
+            raise ValueError(f"bd3lm samples block by block with ddpm or ddpm_cache, not '{sampler}'")
+        x = _template(objective, prefix, batch_size, seq_len + num_strides * stride_length, device)
+        if bos_id is not None:
+            x[:, 0] = torch.where(x[:, 0] == objective.mask_id, bos_id, x[:, 0])
+        tokens, lengths, extra = sample_blocks(
+            objective, model_fn, x, seq_len, steps, generator, reuse_logits=sampler == "ddpm_cache", top_p=top_p,
+            t_min=1e-5 if t_min is None else t_min, eos_id=eos_id, stats=stats,
+            noise_removal="greedy" if noise_removal == "auto" else noise_removal)
+        info.update(extra, lengths=lengths)
+    elif sampler == "ar":
         if stride_length or num_strides:
             raise ValueError("semi-autoregressive strides apply to the masked samplers, not ar")
         x = _template(objective, prefix, batch_size, seq_len, device)
