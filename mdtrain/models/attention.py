@@ -15,8 +15,8 @@ Layout is flash-attn's (B, L, H, hd). Who may attend to whom is said in one of t
 Kernels (``model.attention``): ``auto`` takes flash-attn for unmasked / padded attention on CUDA bf16/fp16 and
 flex attention (compiled) for general masks on CUDA, else SDPA; ``flash`` requires flash-attn (general masks still
 go to flex or SDPA, which flash-attn cannot express); ``flex`` uses flex attention for every call (on CPU its eager
-reference implementation, which materialises the scores: for checking, not speed); ``sdpa`` always SDPA. Every
-kernel computes the same function; attention dropout (MD4) runs on SDPA or flash-attn, never flex.
+reference implementation, which materialises the scores, forward only: for checking, not speed); ``sdpa`` always
+SDPA. Every kernel computes the same function; attention dropout (MD4) and CPU backward passes run on SDPA.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _flex_kernel(on_cuda: bool):
     if not on_cuda:
         return mod.flex_attention
     if _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(mod.flex_attention, dynamic=False)
+        _FLEX_COMPILED = torch.compile(mod.flex_attention)
     return _FLEX_COMPILED
 
 
@@ -154,7 +154,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     if mask is not None and not isinstance(mask, AttentionMask):
         mask = AttentionMask(mask)
-    if backend == "flex" and dropout_p == 0.0:
+    # torch has no flex backward on CPU: gradients there go through SDPA (the same function)
+    if backend == "flex" and dropout_p == 0.0 and (q.is_cuda or not (torch.is_grad_enabled() and q.requires_grad)):
         if mask is None:
             mask = AttentionMask(padding_and_causal(key_padding_mask, q.shape[1], k.shape[1], causal, q.device))
         return _flex(q, k, v, mask)

@@ -11,6 +11,11 @@ Two FLOP numbers, both for one training token (forward + backward = 3x forward):
   average, as flash kernels skip masked blocks), and the SSM scan's two contractions (dt·B x^T into the state,
   C·h out of it; 2·2·d_inner·d_state per direction). Element-wise work (norms, activations, softmax, dropout,
   decays) is not counted. This is what the MFU meter divides by the peak matmul throughput.
+
+Block diffusion (``block_size`` b > 0, bd3lm): a training token enters twice (x_t ⊕ x_0, 2L inputs), so every
+matmul but the output head (run on the x_t half only) counts twice, and a pair of queries sees L + b keys on
+average (noisy block k: itself and the k clean blocks before it; clean block k: blocks 0..k; what a block-sparse
+kernel computes). ``rule`` becomes 6·(2N − N_head) + 12·n_layers·d·(T + b).
 """
 from __future__ import annotations
 
@@ -54,10 +59,11 @@ def count_params(model_or_cfg, vocab_size: int | None = None) -> dict:
             "conditioning": cond}
 
 
-def flops_per_token(cfg, vocab_size: int, seq_len: int, causal: bool | None = None) -> dict:
+def flops_per_token(cfg, vocab_size: int, seq_len: int, causal: bool | None = None, block_size: int = 0) -> dict:
     """Training FLOPs per token of ``cfg`` at (``vocab_size``, ``seq_len``): ``{"rule", "exact", "n_params"}``.
 
-    ``causal`` (default: whether cfg.name is ``causal``) only changes the exact attention count.
+    ``causal`` (default: whether cfg.name is ``causal``) only changes the exact attention count; ``block_size``
+    > 0 counts block diffusion's doubled input (module docstring).
     """
     causal = cfg.name == "causal" if causal is None else causal
     model = _meta_model(cfg, vocab_size, seq_len)
@@ -65,13 +71,17 @@ def flops_per_token(cfg, vocab_size: int, seq_len: int, causal: bool | None = No
         return _unet_flops_per_token(model)
     t = float(seq_len)
     keys = (t + 1) / 2 if causal else t
+    copies = 1.0
+    if block_size:
+        keys, copies = t + block_size, 2.0  # per token: its x_t and x_0 queries together
     fwd = 0.0
     n_attn = 0
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            fwd += 2.0 * m.in_features * m.out_features / (t if _is_conditioning(name) else 1.0)
+            per_token = 1.0 if name == "head" else copies
+            fwd += per_token * 2.0 * m.in_features * m.out_features / (t if _is_conditioning(name) else 1.0)
         elif isinstance(m, nn.Conv1d):
-            fwd += 2.0 * m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0]
+            fwd += copies * 2.0 * m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0]
         elif isinstance(m, SelfAttention):
             width = m.qkv.out_features // 3
             fwd += 2.0 * 2.0 * keys * width  # q.k^T and p.v
@@ -80,11 +90,12 @@ def flops_per_token(cfg, vocab_size: int, seq_len: int, causal: bool | None = No
             fwd += 2.0 * 2.0 * keys * m.q_width
             n_attn += 1
         elif isinstance(m, SSMDirection):
-            fwd += 2.0 * 2.0 * m.d_inner * m.d_state
+            fwd += copies * 2.0 * 2.0 * m.d_inner * m.d_state
     counts = count_params(model)
     n = counts["total"] - counts["embedding"] - counts["conditioning"]
     d = model.dims.d_model
-    rule = 6.0 * n + (12.0 * n_attn * d * t if n_attn else 0.0)
+    n_rule = 2.0 * n - counts["head"] if block_size else n
+    rule = 6.0 * n_rule + (12.0 * n_attn * d * (t + block_size) if n_attn else 0.0)
     return {"rule": rule, "exact": 3.0 * fwd, "n_params": n}
 
 
