@@ -207,7 +207,8 @@ class Trainer:
         if self.resume_path is None and cfg.checkpoint.load_from:  # weights only, before any wrapping
             from mdtrain.inference import load_for_inference
             model.load_state_dict(load_for_inference(cfg.checkpoint.load_from, use_ema=True).model.state_dict())
-        fpt = flops_per_token(cfg.model, self.tokenizer.vocab_size, self.seq_len, causal=self.objective.causal)
+        fpt = flops_per_token(cfg.model, self.tokenizer.vocab_size, self.seq_len, causal=self.objective.causal,
+                              block_size=getattr(self.objective, "block_size", 0))
         self.flops_per_token = fpt["exact"]
         if cfg.parallel.tp > 1:
             from mdtrain.parallel.tensor_parallel import apply_tensor_parallel
