@@ -18,7 +18,7 @@ from mdtrain.objectives.protocol import make_model_fn
 from mdtrain.objectives.samplers import sample
 
 # SampleConfig fields the CLI consumes itself; every other field is passed to the sampler as an option.
-_CLI_FIELDS = {"sampler", "steps", "num_samples", "batch_size", "seed", "out", "prefix", "show"}
+_CLI_FIELDS = {"sampler", "steps", "num_samples", "batch_size", "seed", "out", "prefix", "show", "stop_at_eos"}
 
 
 def sampler_options(scfg) -> dict:
@@ -55,10 +55,18 @@ def main(args) -> int:
         template = _template(bundle, scfg.prefix, b, cfg.data.seq_len)
         if template is not None:
             opts["prefix"] = template
+        if getattr(bundle.objective, "block_size", 0):  # bd3lm: BOS as the context token; EOS may end a sample
+            if bundle.objective.ignore_bos:
+                opts["bos_id"] = bundle.tokenizer.bos_id
+            if scfg.stop_at_eos:
+                opts["eos_id"] = bundle.tokenizer.eos_id
         with torch.no_grad():
             tokens, info = sample(bundle.objective, model_fn, b, cfg.data.seq_len, scfg.steps, gen,
                                   sampler=scfg.sampler, **opts)
-        seqs.extend(tokens.tolist())
+        rows = tokens.tolist()
+        if "lengths" in info:  # samples that ended at EOS
+            rows = [row[:n] for row, n in zip(rows, info["lengths"].tolist())]
+        seqs.extend(rows)
         nfe += int(info["nfe"])
         remaining -= b
     seconds = time.time() - t0

@@ -267,7 +267,7 @@ class Transformer(Backbone):
         for blk, kv in zip(self.blocks, layers):
             h = blk(h, c, rope, mask, kv) if kv is not None else blk(h, c, rope, mask)
         if logits_for is not None:
-            h = h[:, logits_for]
+            h = h[:, logits_for].contiguous()  # a view would reach FSDP2 as the output (its in-place hazard)
             if c is not None and c.dim() == 3:
                 c = c[:, logits_for]
         return self.output(h, c)

@@ -172,6 +172,8 @@ class SampleConfig:
     num_strides: int = doc(0, "semi-autoregressive: extra windows; output length = model length + "
                               "num_strides·stride_length")
     prefix: str = doc("", "text every sample starts with (encoded by `mdtrain sample`; given tokens never change)")
+    stop_at_eos: bool = doc(False, "bd3lm: end each sample at its first generated EOS (variable length; the "
+                                   "output length num_strides·stride_length past the model length is the cap)")
     out: str = doc("", "`mdtrain sample`: output JSONL of texts and ids; empty = next to the checkpoint")
     show: int = doc(4, "`mdtrain sample`: print the first N samples")
 
