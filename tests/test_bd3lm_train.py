@@ -19,7 +19,8 @@ BASE = ["model.flavor=debug", "model.dropout=0.0", "objective.name=bd3lm", "obje
         "logging.progress_bar=false", "train.steps=3", "checkpoint.every=2", "checkpoint.keep_last=0",
         "train.ema=0.9"]
 # one process group per layout: data parallel (deepspeed last: it keeps global state), then dp=1 x tp=2
-LAYOUTS = [{"ddp": [], "fsdp": ["parallel.engine=fsdp"], "zero": ["parallel.engine=deepspeed", "parallel.zero_stage=2"]},
+LAYOUTS = [{"ddp": [], "fsdp": ["parallel.engine=fsdp", "train.activation_checkpointing=true"],
+            "zero": ["parallel.engine=deepspeed", "parallel.zero_stage=2"]},
            {"tp": ["parallel.tp=2"]}]
 ENGINES = [name for layout in LAYOUTS for name in layout]
 

@@ -102,6 +102,15 @@ class AttentionMask:
     def shape(self):
         return self.allowed.shape
 
+    def prepare(self, backend: str, device: torch.device) -> "AttentionMask":
+        """Build what this forward's kernels will read now, outside any compiled block (``train.compile``)."""
+        flex = flex_attention_module() is not None and backend != "sdpa"
+        if flex and (device.type == "cuda" or backend == "flex"):
+            self.block_mask()
+        if not (flex and device.type == "cuda"):
+            self.sdpa_mask()
+        return self
+
     def sdpa_mask(self) -> torch.Tensor:
         """(B|1, 1, Lq, Lk) for SDPA; empty rows see every key (finite softmax) and are zeroed afterwards."""
         if self._sdpa is None:

@@ -262,6 +262,8 @@ class Transformer(Backbone):
         h = self.embed_tokens(x)
         c = self.condition(cond, b, x.device, length)
         mask = self._mask(attention_mask, b, length, past + length, x.device)
+        if isinstance(mask, AttentionMask) and self.blocks:
+            mask.prepare(self.blocks[0].attn.backend, x.device)
         rope = self._rope(length, x.device, 0 if kv_cache is None else kv_cache.pos, positions)
         layers = [None] * len(self.blocks) if kv_cache is None else kv_cache.begin(len(self.blocks), store_kv)
         for blk, kv in zip(self.blocks, layers):
