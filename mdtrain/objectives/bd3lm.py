@@ -29,7 +29,6 @@ from typing import Optional
 import torch
 
 from mdtrain.objectives.base import valid_mask
-from mdtrain.objectives.logprob import target_logprob
 from mdtrain.objectives.subs import SubsObjective
 
 
@@ -195,6 +194,6 @@ class BD3LM(SubsObjective):
             t = t.repeat_interleave(L // t.shape[1], dim=1)
         valid = valid_mask(x0, attention_mask)
         sel = (xt == self.mask_id) & valid
-        logp = target_logprob(logits, x0, self.mask_id)
+        logp = self.logprob.target_logprob(logits, x0, self.mask_id)
         logp = torch.where(sel, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
         return -logp * self.weight(t).to(logp.dtype)
