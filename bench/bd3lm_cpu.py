@@ -1,12 +1,13 @@
 """BD3-LM against AR and MDLM on CPU: validation NELBO after the same training steps on the same data, and
 block-by-block sampling wall time per token with and without the KV cache.
 
-    python bench/bd3lm_cpu.py                        # ~15 min on 2 idle cores; a table, one JSON line per run
+    python bench/bd3lm_cpu.py                        # ~10 min on 2 idle cores; a table, one JSON line per run
     python bench/bd3lm_cpu.py --steps 50 --quick     # a smoke run
 
 Data: the synthetic unifilar HMM source (``synthetic:hmm``), whose exact entropy is the floor of every NLL; AR and
 BD3-LM score tokens 2..L (the first is context), MDLM all L, so each row shows the entropy of what it scores. The
-network is the same DiT (4 x 128, fp32) for the diffusion objectives and its causal twin for AR; one seed.
+network is the same DiT (``--layers`` x ``--width``, 2 x 64 by default, fp32) for the diffusion objectives and its
+causal twin for AR; one seed.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ RUNS = {
 
 
 def common(args, run_dir):
-    return ["model.flavor=debug", "model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.dropout=0.0",
+    return ["model.flavor=debug", f"model.n_layers={args.layers}", f"model.d_model={args.width}", "model.n_heads=4",
+            "model.dropout=0.0",
             f"data.train={SOURCE}", f"data.seq_len={args.seq_len}", f"train.steps={args.steps}",
             f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}", "optim.lr=1e-3",
             "optim.warmup_steps=50", "train.ema=0", "logging.every=50", "logging.progress_bar=false",
@@ -63,9 +65,9 @@ def train(args, name, root):
 @torch.no_grad()
 def sampling_speed(run_dir, lengths, steps, batch, seed=0):
     """Seconds per generated token of block-by-block sampling, with and without the KV cache (same samples)."""
-    from mdtrain.exported import make_model_fn
+    from mdtrain.inference import load_for_inference
+    from mdtrain.objectives.protocol import make_model_fn
     from mdtrain.objectives.samplers import sample
-    from mdtrain.trainer import load_for_inference
 
     bundle = load_for_inference(run_dir)
     model, obj, L = bundle.model, bundle.objective, bundle.cfg.data.seq_len
@@ -95,7 +97,9 @@ def sampling_speed(run_dir, lengths, steps, batch, seed=0):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--mc", type=int, default=2, help="Monte Carlo draws of t per validation sequence (diffusion)")

@@ -86,7 +86,8 @@ def test_resume_from_a_checkpoint_repeats_the_step_exactly(ref):
 def test_finetune_from_mdlm_then_eval_and_sample_through_the_cli(tmp_path, capsys):
     from mdtrain.cli import main as cli
     from mdtrain.config import load_config
-    from mdtrain.trainer import Trainer, load_for_inference
+    from mdtrain.inference import load_for_inference
+    from mdtrain.trainer import Trainer
 
     mdlm = str(tmp_path / "mdlm")
     mdlm_args = [a for a in BASE if not a.startswith("objective.")] + ["train.steps=2", f"train.run_dir={mdlm}"]
