@@ -27,8 +27,9 @@ def main(args) -> int:
         result["zero_shot"] = {r["split"]: r for r in rows[1:]}
     if cfg.eval.gen_ppl_model and not bundle.objective.causal:
         gen = torch.Generator().manual_seed(cfg.sample.seed)
+        bos = bundle.tokenizer.bos_id if getattr(bundle.objective, "ignore_bos", False) else None  # bd3lm's context
         tokens, _ = sample(bundle.objective, make_model_fn(model), cfg.sample.num_samples, cfg.data.seq_len,
-                           cfg.sample.steps, gen, sampler=cfg.sample.sampler)
+                           cfg.sample.steps, gen, sampler=cfg.sample.sampler, bos_id=bos)
         seqs = tokens.tolist()
         scorer = load_for_inference(cfg.eval.gen_ppl_model)
         result.update(generative_perplexity([bundle.tokenizer.decode(s) for s in seqs], scorer))
