@@ -120,6 +120,14 @@ class LayerKV:
             return None, None
         return self.k[:, self.start:self.end], self.v[:, self.start:self.end]
 
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Store ``k``/``v`` after the cached ones and return them all (incremental decoding)."""
+        store, self.store = self.store, True
+        try:
+            return self.extend(k, v)
+        finally:
+            self.store = store
+
     def extend(self, k: torch.Tensor, v: torch.Tensor):
         """Keys/values the new tokens attend to: the cached ones, then ``k``/``v``; appended when ``store``."""
         if not self.store:

@@ -86,6 +86,7 @@ class BD3LM(SubsObjective):
         self.clip = (float(clip[0]), float(clip[1])) if clip else None
         self.resample = bool(settings.get("resample", False))
         self.ignore_bos = bool(settings.get("ignore_bos", True))
+        self.first_target = 1 if self.ignore_bos else 0  # the trainer counts the tokens after the context
         if self.block_size < 1:
             raise ValueError(f"bd3lm needs objective.block_size >= 1, got {self.block_size}")
         self._masks: dict = {}
