@@ -1,6 +1,6 @@
 """MD4's CIFAR-10 U-Net (the VDM U-Net without down-sampling) over pixel tokens, single-device.
 
-google-deepmind/md4 ``networks/unet.py`` + ``models/backward.py`` (md4.md §5.2; paper App. on image models):
+google-deepmind/md4 ``networks/unet.py`` + ``models/backward.py`` (MD4 paper, Shi et al. 2024, appendix on image models):
 
 * each sub-pixel token (0..255, mask 256) is embedded to F features; the C embeddings of a pixel are concatenated
   (B, H, W, C·F) and a 3x3 conv maps them to F channels;
