@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from mdtrain.data.errors import DataError
+from mdtrain.data.detokenize import get_detokenizer
 from mdtrain.data.readers import expand_inputs, iter_all_documents
 from mdtrain.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, sample_dtype, write_manifest
 from mdtrain.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
@@ -187,8 +188,10 @@ class _Progress:
 
 def prepare(inputs: list[str], tokenizer: str, seq_len: int, out: str, val_fraction: float = 0.01,
             packing: str = "mdlm", doc_per: str = "file", text_field: str = "text", samples_per_shard: int = 1024,
-            workers: int = 1, seed: int = 0, glob: str = "*", quiet: bool = False) -> dict:
-    """Tokenize, pack and shard ``inputs`` into ``out``; returns the manifest (also written to out/manifest.json)."""
+            workers: int = 1, seed: int = 0, glob: str = "*", quiet: bool = False, detokenize: str = "none") -> dict:
+    """Tokenize, pack and shard ``inputs`` into ``out``; returns the manifest (also written to out/manifest.json).
+    ``detokenize`` names a rule set of ``mdtrain.data.detokenize`` applied to every document first (the
+    zero-shot sets of the MDLM/SEDD/BD3-LM papers)."""
     if not 0.0 <= val_fraction <= 1.0:
         raise DataError(f"--val-fraction must be in [0, 1], got {val_fraction}")
     if samples_per_shard < 1 or workers < 1:
@@ -196,12 +199,14 @@ def prepare(inputs: list[str], tokenizer: str, seq_len: int, out: str, val_fract
     if doc_per not in ("file", "line"):
         raise DataError(f"--doc-per must be file or line, got {doc_per!r}")
     Packer.check(packing, seq_len)
+    detok = get_detokenizer(detokenize)
     if os.path.exists(os.path.join(out, MANIFEST)):
         raise DataError(f"{out}: already holds a prepared dataset ({MANIFEST}); remove it or choose another --out")
     files = expand_inputs(inputs, glob)
 
     def documents():
-        return iter_all_documents(files, doc_per, text_field)
+        for text, nbytes in iter_all_documents(files, doc_per, text_field):
+            yield detok(text), nbytes
 
     t_tok = time.time()
     tok = build_tokenizer(tokenizer, texts=(text for text, _ in documents()))  # read only when training one
@@ -245,7 +250,7 @@ def prepare(inputs: list[str], tokenizer: str, seq_len: int, out: str, val_fract
         "format": FORMAT, "version": FORMAT_VERSION, "seq_len": seq_len, "packing": packing, "dtype": dtype.name,
         "tokenizer": "tokenizer", "tokenizer_spec": tokenizer, "vocab_size": tok.vocab_size,
         "specials": tok.special_ids, "val_fraction": val_fraction, "seed": seed, "doc_per": doc_per,
-        "text_field": text_field, "inputs": [os.path.abspath(p) for p in inputs], "num_files": len(files),
+        "text_field": text_field, "detokenize": detokenize, "inputs": [os.path.abspath(p) for p in inputs], "num_files": len(files),
         "splits": splits,
     }
     write_manifest(out, manifest)
@@ -279,7 +284,8 @@ def main(args) -> int:
             raise DataError("text needs --tokenizer and --seq-len (or pass --images for image inputs)")
         prepare(args.input, args.tokenizer, args.seq_len, args.out, val_fraction=args.val_fraction,
                 packing=args.packing, doc_per=args.doc_per, text_field=args.text_field,
-                samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed, glob=args.glob)
+                samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed, glob=args.glob,
+                detokenize=getattr(args, "detokenize", "none"))
     except DataError as e:
         print(f"mdtrain prepare: error: {e}", file=sys.stderr)
         return 1

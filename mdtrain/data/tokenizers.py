@@ -12,6 +12,7 @@ import abc
 import io
 import json
 import os
+import re
 from typing import Iterable, Optional
 
 from mdtrain.configtools import atomic_write_text
@@ -321,12 +322,30 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     return SentencePieceTokenizer(buf.getvalue(), spec=spec)
 
 
+def saved_tokenizer_dir(path: str) -> str:
+    """Where the tokenizer saved with ``path`` lies: a tokenizer directory itself, ``path/tokenizer/`` (an export,
+    a checkpoint step or a prepared dataset), or a run's newest ``checkpoints/step_XXXXXXXX/tokenizer/``."""
+    candidates = [path, os.path.join(path, "tokenizer")]
+    for root in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(root):
+            steps = sorted((d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d)), reverse=True)
+            candidates += [os.path.join(root, d, "tokenizer") for d in steps]
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, META_FILE)):
+            return c
+    raise DataError(f"tokenizer spec 'from:{path}': no saved mdtrain tokenizer there (expected {path}/tokenizer/ "
+                    f"of an export, checkpoint or prepared dataset, or {path}/checkpoints/step_*/tokenizer/ of a run)")
+
+
 def build_tokenizer(spec: str, texts: Optional[Iterable[str]] = None) -> Tokenizer:
     """Tokenizer from a spec: ``sentencepiece:train:VOCAB[:bpe|:unigram]`` (trained on ``texts``),
-    ``sentencepiece:PATH.model``, ``hf:DIR`` (local tokenizer.json), or ``bytes``."""
+    ``sentencepiece:PATH.model``, ``hf:DIR`` (local tokenizer.json), ``bytes``, or ``from:PATH`` (the one saved
+    with a run, checkpoint, export or prepared dataset: same ids, so its data can be scored by that model)."""
     kind, _, rest = spec.partition(":")
     if spec == "bytes":
         return BytesTokenizer()
+    if kind == "from" and rest:
+        return load_tokenizer(saved_tokenizer_dir(rest))
     if kind == "sentencepiece" and rest.startswith("train:"):
         parts = rest.split(":")[1:]
         try:
@@ -348,7 +367,7 @@ def build_tokenizer(spec: str, texts: Optional[Iterable[str]] = None) -> Tokeniz
     if kind == "hf" and rest:
         return HFTokenizer(rest, spec=spec)
     raise DataError(f"unknown tokenizer spec {spec!r}; expected sentencepiece:train:VOCAB[:bpe|:unigram], "
-                    "sentencepiece:PATH.model, hf:DIR or bytes")
+                    "sentencepiece:PATH.model, hf:DIR, bytes or from:RUN_CHECKPOINT_EXPORT_OR_DATASET")
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
