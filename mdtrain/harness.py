@@ -403,14 +403,9 @@ class MdtrainLM(TemplateLM):
 
 def load_scorer(path: str, use_ema: bool = True, device="cpu") -> Scorer:
     """A run dir, checkpoint dir or export dir → Scorer (EMA weights when there are any)."""
-    try:
-        from mdtrain.inference import load_for_inference
-    except ImportError:  # before the inference module split (issue 14)
-        from mdtrain.trainer import load_for_inference
-    try:
-        from mdtrain.objectives.protocol import make_model_fn
-    except ImportError:
-        from mdtrain.exported import make_model_fn
+    from mdtrain.inference import load_for_inference
+    from mdtrain.objectives.protocol import make_model_fn
+
     bundle = load_for_inference(path, use_ema=use_ema)
     model = bundle.model.to(device).eval()
     bundle.objective.to(device)

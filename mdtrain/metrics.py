@@ -140,11 +140,13 @@ class MetricsLogger:
         self.print("  ".join(parts))
 
     def log_eval(self, row: dict) -> None:
-        """row: step, split, nll (nats/token), ppl, bits_per_token, tokens, bound."""
+        """row: step, split, nll (nats/token), ppl, bits_per_token, tokens, bound, nll_se (Monte Carlo)."""
         self._write(row)
         bound = "≤ " if row.get("bound") == "upper" else ""
         bpd = f"  bits/dim {bound}{row['bits_per_dim']:.4f}" if "bits_per_dim" in row else ""
-        self.print(f"eval {row['split']}: step {row['step']}  nll {row['nll']:.4f} nats/token  "
+        se = row.get("nll_se")
+        pm = f" ± {se:.4f}" if se else ""  # an exact (0) or unknown (None) standard error is not printed
+        self.print(f"eval {row['split']}: step {row['step']}  nll {row['nll']:.4f}{pm} nats/token  "
                    f"ppl {bound}{row['ppl']:.3f}  bits/token {row['bits_per_token']:.4f}{bpd}  "
                    f"({fmt_int(row['tokens'])} tokens)")
 
@@ -166,12 +168,20 @@ def _drop_partial_last_line(path: str) -> None:
         fh.truncate(data.rfind(b"\n") + 1)
 
 
-def eval_row(step: int, split: str, nll_sum: float, tokens: float, bound: str, image_shape=None) -> dict:
+def eval_row(step: int, split: str, nll_sum: float, tokens: float, bound: str, image_shape=None, nll_var: float = 0.0,
+             mc_samples: int = 1) -> dict:
+    """An eval row. ``nll_var`` is the Monte Carlo variance of ``nll_sum`` (NaN when it cannot be estimated: one
+    sample of a Monte Carlo estimate); ``nll_se`` = √var / tokens, ``ppl_se`` = ppl·nll_se (delta method), None when
+    unknown; AR rows (exact) have 0."""
     nll = nll_sum / max(tokens, 1.0)
-    row = {"step": step, "split": split, "nll": nll, "ppl": math.exp(min(nll, 700.0)),
-           "bits_per_token": nll / math.log(2), "tokens": int(tokens), "bound": bound}
+    ppl = math.exp(min(nll, 700.0))
+    se = None if math.isnan(nll_var) else math.sqrt(max(nll_var, 0.0)) / max(tokens, 1.0)
+    row = {"step": step, "split": split, "nll": nll, "ppl": ppl, "bits_per_token": nll / math.log(2),
+           "tokens": int(tokens), "bound": bound, "nll_se": se, "ppl_se": None if se is None else ppl * se,
+           "mc_samples": mc_samples}
     if image_shape:
         row["bits_per_dim"] = bits_per_dim(nll_sum, tokens, image_shape)
+        row["bits_per_dim_se"] = None if se is None else se / math.log(2)  # bits/dim = nats/token / ln 2
     return row
 
 

@@ -16,7 +16,8 @@ LAYERS = [
     ["mdtrain.config", "mdtrain.modeling", "mdtrain.checkpoint", "mdtrain.evaluate"],
     ["mdtrain.exported"],
     ["mdtrain.inference", "mdtrain.sampling_images"],
-    ["mdtrain.trainer", "mdtrain.eval_cli", "mdtrain.sampling_cli", "mdtrain.compare", "mdtrain.interop"],
+    ["mdtrain.trainer", "mdtrain.sampling_cli", "mdtrain.compare", "mdtrain.interop", "mdtrain.harness"],
+    ["mdtrain.eval_cli"],  # draws its gen-PPL samples exactly as `mdtrain sample` does (sampling_cli's options)
     ["mdtrain.launch.slurm"],
     ["mdtrain.sweep"],
     ["mdtrain.cli"],

@@ -163,5 +163,5 @@ def test_eval_prints_the_zero_shot_table_with_bounds_and_standard_errors(zero_sh
     table = r.stdout
     for name, row in result["zero_shot"].items():
         assert row["bound"] == "upper" and row["nll_se"] > 0 and row["tokens"] > 0
-        line = next(ln for ln in table.splitlines() if ln.startswith(name))
-        assert f"≤ {row['ppl']:.2f}" in line and f"± {row['ppl_se']:.2f}" in line
+        line = next(ln for ln in table.splitlines() if ln.startswith(name + ":"))
+        assert f"ppl <= {row['ppl']:.3f} ± {row['ppl_se']:.3f}" in line and f"nll {row['nll']:.4f} ± " in line
