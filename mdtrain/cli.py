@@ -21,6 +21,8 @@ COMMANDS = {
     "sweep": ("mdtrain.sweep", "main", "scaling-law grid: plan / run / submit / collect / fit"),
     "launch": ("mdtrain.launch.slurm", "main", "submit `mdtrain train` to SLURM through submitit (or run it locally)"),
     "compare": ("mdtrain.compare", "main", "runs side by side: a table of their results and loss-vs-tokens/time plots"),
+    "lm-eval": ("mdtrain.harness", "main", "lm-evaluation-harness tasks on a run, checkpoint or export (mdtrain as "
+                "lm_eval's model)"),
 }
 
 
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help=COMMANDS["prepare"][2], description=COMMANDS["prepare"][2])
     p.add_argument("--input", nargs="+", required=True, help="text files/dirs, .jsonl, .parquet")
-    p.add_argument("--tokenizer", help="sentencepiece:train:VOCAB | sentencepiece:PATH.model | hf:DIR | bytes")
+    p.add_argument("--tokenizer", help="sentencepiece:train:VOCAB | sentencepiece:PATH.model | hf:DIR | bytes | "
+                   "from:RUN_CHECKPOINT_EXPORT_OR_DATASET (reuse a model's tokenizer, e.g. for zero-shot sets)")
     p.add_argument("--seq-len", type=int, help="tokens per sample (text: required)")
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
@@ -51,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--glob", default="*", help="file pattern when an input is a directory")
+    p.add_argument("--detokenize", default="none", metavar="NAME",
+                   help="undo a pre-tokenised corpus's tokenisation first, as the zero-shot papers do: ptb, wikitext, "
+                   "lm1b, lambada, scientific_papers (PubMed/ArXiv), none (AG News, OpenWebText)")
     p.add_argument("--images", action="store_true", help="inputs are images (PNG/JPEG folders, CIFAR python batches, "
                    ".npy): pixels as tokens, mask = 256 (no --tokenizer)")
     p.add_argument("--image-size", default="", help="--images: HxW or HxWxC every image must have (default: the "
@@ -96,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help=COMMANDS["compare"][2], description=COMMANDS["compare"][2])
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (config.yaml + metrics.jsonl)")
     p.add_argument("--out", default="compare", help="where the plots go (default: %(default)s)")
+
+    p = sub.add_parser("lm-eval", help=COMMANDS["lm-eval"][2], description=COMMANDS["lm-eval"][2])
+    p.add_argument("path", help="run directory, checkpoint directory or export directory")
+    p.add_argument("--tasks", nargs="+", required=True, help="lm_eval task names (comma- or space-separated)")
+    p.add_argument("--model-args", default="", help="k=v,... for the mdtrain model: mc_samples (128), estimator "
+                   "(llada|elbo), seed (1234), sampler, steps, max_gen_toks, add_bos, batch_size, mc_batch_size")
+    p.add_argument("--include-path", default=None, help="directory of your own task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    p.add_argument("--limit", type=float, default=None, help="only the first N documents per task (testing)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--output", default=None, help="write the full results JSON here")
+    p.add_argument("--log-samples", action="store_true", help="with --output: every request and response too")
 
     p = sub.add_parser("launch", help=COMMANDS["launch"][2], description=COMMANDS["launch"][2], add_help=False)
     p.add_argument("launch_args", nargs=argparse.REMAINDER, help="see `mdtrain launch --help`")

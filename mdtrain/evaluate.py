@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from mdtrain import rng
+from mdtrain.configtools import ConfigError
 from mdtrain.data.images import label_kwargs
 from mdtrain.metrics import eval_row
 from mdtrain.objectives.protocol import make_model_fn
@@ -164,8 +165,8 @@ class _BundleScorer:
 
     def __init__(self, bundle):
         if not bundle.objective.causal:
-            raise ValueError(f"the generative-perplexity scorer is a '{bundle.objective.name}' model; it needs an AR "
-                             f"(objective.name=ar) checkpoint or export, or hf:DIR")
+            raise ConfigError(f"eval.gen_ppl_model is a '{bundle.objective.name}' model; the generative-perplexity "
+                              f"scorer must be an AR (objective.name=ar) run, checkpoint or export, or hf:DIR")
         self.b, tok = bundle, bundle.tokenizer
         self.bos, self.eos, self.pad, self.length = tok.bos_id, tok.eos_id, tok.pad_id, bundle.cfg.data.seq_len
         self.encode = tok.encode

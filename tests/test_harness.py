@@ -366,3 +366,23 @@ def test_python_m_mdtrain_harness_is_lm_evals_cli_with_mdtrain_registered(ar_exp
     with open(files[0]) as fh:
         results = json.load(fh)["results"]
     assert 0.0 <= results["text_mc"]["acc,none"] <= 1.0
+
+
+def test_mdtrain_lm_eval_wrapper_prints_results_and_the_estimator(tmp_path_factory, task_dir, tmp_path):
+    """`mdtrain lm-eval EXPORT --tasks ...` on a masked model: lm_eval's table, the estimator line, and a final
+    JSON line whose accuracy is the one lm_eval computed; a bad --model-args value is one line, exit status 2."""
+    export = _export(tmp_path_factory, "mdlm", "dit")
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "mdtrain", "lm-eval", export, "--tasks", "text_mc", "--include-path", task_dir,
+           "--model-args", "mc_samples=16,seed=7", "--device", "cpu", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["mdtrain"]["loglikelihood"] == "monte_carlo:llada" and last["mdtrain"]["mc_samples"] == 16
+    assert last["mdtrain_mc"]["loglikelihood"]["requests"] == sum(len(d["choices"]) for d in TEXT_MC)
+    assert "16 samples, seed 7" in proc.stdout and "upper bound" in proc.stdout
+    with open(out) as fh:
+        assert json.load(fh)["results"]["text_mc"]["acc,none"] == last["results"]["text_mc"]["acc,none"]
+    bad = subprocess.run(cmd[:-6] + ["--model-args", "estimator=exact"], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert bad.returncode == 2 and "estimator='exact'" in bad.stderr and "Traceback" not in bad.stderr

@@ -23,8 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mdtrain.data.errors import DataError
 from mdtrain.data.detokenize import get_detokenizer
+from mdtrain.data.errors import DataError
 from mdtrain.data.readers import expand_inputs, iter_all_documents
 from mdtrain.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, sample_dtype, write_manifest
 from mdtrain.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
@@ -250,8 +250,8 @@ def prepare(inputs: list[str], tokenizer: str, seq_len: int, out: str, val_fract
         "format": FORMAT, "version": FORMAT_VERSION, "seq_len": seq_len, "packing": packing, "dtype": dtype.name,
         "tokenizer": "tokenizer", "tokenizer_spec": tokenizer, "vocab_size": tok.vocab_size,
         "specials": tok.special_ids, "val_fraction": val_fraction, "seed": seed, "doc_per": doc_per,
-        "text_field": text_field, "detokenize": detokenize, "inputs": [os.path.abspath(p) for p in inputs], "num_files": len(files),
-        "splits": splits,
+        "text_field": text_field, "detokenize": detokenize, "inputs": [os.path.abspath(p) for p in inputs],
+        "num_files": len(files), "splits": splits,
     }
     write_manifest(out, manifest)
     if not quiet:
@@ -285,7 +285,7 @@ def main(args) -> int:
         prepare(args.input, args.tokenizer, args.seq_len, args.out, val_fraction=args.val_fraction,
                 packing=args.packing, doc_per=args.doc_per, text_field=args.text_field,
                 samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed, glob=args.glob,
-                detokenize=getattr(args, "detokenize", "none"))
+                detokenize=args.detokenize)
     except DataError as e:
         print(f"mdtrain prepare: error: {e}", file=sys.stderr)
         return 1
