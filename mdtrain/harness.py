@@ -17,8 +17,8 @@ What each request computes (``MdtrainLM.describe()`` states it, and ``mdtrain lm
   uniformly without replacement, value (m/l)·Σ_masked −log p_θ(x_i | context, unmasked); ``estimator=elbo``:
   the objective's own NELBO with t drawn as in training, continuation tokens masked with probability 1 − α(t).
   Either is an upper bound on −log p(continuation | context) in expectation (exact for the true posterior), so
-  the returned log-likelihood is a lower bound; ``is_greedy``: one pass with the whole continuation masked, the
-  denoiser's argmax equals it everywhere.
+  the returned log-likelihood is a lower bound; ``is_greedy``: LLaDA's check — greedy confidence-first decoding
+  (one position per step, the most confident, its most likely token) from the masked continuation reproduces it.
 - ``loglikelihood_rolling``: lm_eval's rolling windows (``get_rolling_token_windows``), each scored as above; for
   masked models the sum of window NELBOs, a bound (perplexities derived from it are upper bounds).
 - ``generate_until``: ``mdtrain.objectives.samplers.sample`` (``sampler``, ``steps``; default one step per
@@ -291,6 +291,10 @@ class MdtrainLM(TemplateLM):
         per_token = obj.nelbo(logits, x0, xt, t, target, **obj.nelbo_extras(self.s.model_fn, x0, t))
         return per_token.to(torch.float64).sum(1)
 
+    def _per_token_schedule(self) -> bool:
+        t = torch.full((1,), 0.5, dtype=torch.float64, device=self._device)
+        return self.objective.time_conditioning and self.objective.schedule.mask_prob(t).shape != t.shape
+
     def _cond_at_fraction(self, frac: torch.Tensor) -> torch.Tensor:
         """The network's time input when a fraction ``frac`` of the scored tokens is masked: t with
         P(mask at t) = frac (bisection on the schedule), or zeros for networks without time conditioning."""
@@ -310,14 +314,21 @@ class MdtrainLM(TemplateLM):
 
     @torch.no_grad()
     def _masked_greedy(self, ctx, cont) -> bool:
+        """Would greedy decoding produce ``cont``? LLaDA's check: from the fully masked continuation, reveal one
+        position per step — the most confident one, with its most likely token — and compare the result."""
         obj = self.objective
-        x0 = torch.tensor(ctx + cont, device=self._device)[None]
-        xt = x0.clone()
-        xt[0, len(ctx):] = obj.mask_id
-        with self._autocast():
-            logits = self.s.model_fn(xt, obj.cond(torch.ones(1, dtype=torch.float64, device=self._device)))
-        pred = obj.denoiser_logprobs(logits[0, len(ctx):]).argmax(-1)
-        return bool((pred == x0[0, len(ctx):]).all())
+        x = torch.tensor(ctx + [obj.mask_id] * len(cont), device=self._device)[None]
+        for _ in cont:
+            masked = (x[0] == obj.mask_id).nonzero()[:, 0]
+            frac = torch.tensor([masked.numel() / len(cont)], dtype=torch.float64, device=self._device)
+            # GenMD4's per-token schedule has no single t for a masked fraction: its t ≈ the fraction (power 1)
+            cond = obj.cond(frac) if self._per_token_schedule() else self._cond_at_fraction(frac)
+            with self._autocast():
+                logits = self.s.model_fn(x, cond)
+            best, tok = obj.denoiser_logprobs(logits[0, masked]).max(-1)
+            i = int(best.argmax())
+            x[0, masked[i]] = tok[i]
+        return x[0, len(ctx):].tolist() == list(cont)
 
     # --- loglikelihood_rolling ---------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

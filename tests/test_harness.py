@@ -196,6 +196,33 @@ def test_masked_rolling_loglikelihood_is_the_bound_on_the_exact_toy_likelihood(t
     assert "upper bound" in lm.describe()["bound"]
 
 
+@pytest.mark.parametrize("ctx", ["ab", "ba", "aa", "bc"])  # ba, aa, bc: one-pass argmax would answer otherwise
+def test_masked_is_greedy_is_llada_confidence_first_greedy_decoding(toy, ctx):
+    """is_greedy is True exactly for the continuation that greedy decoding reaches: reveal the most confident
+    position (its most likely token) one at a time, worked out here from the joint's enumerated conditionals."""
+    tok, joint = toy
+    fixed = dict(enumerate(tok.encode(ctx)))
+    while len(fixed) < 4:
+        ok = torch.ones(len(joint.p), dtype=torch.bool)
+        for i, v in fixed.items():
+            ok &= joint.seqs[:, i] == v
+        w = joint.p * ok
+        best = None
+        for pos in range(4):
+            if pos in fixed:
+                continue
+            marg = torch.stack([w[joint.seqs[:, pos] == v].sum() for v in range(3)]) / w.sum()
+            if best is None or marg.max() > best[0]:
+                best = (marg.max(), pos, int(marg.argmax()))
+        fixed[best[1]] = best[2]
+    want = tok.decode([fixed[2], fixed[3]])
+    lm = _toy_lm(toy, mc_samples=4)
+    answers = ["".join(p) for p in itertools.product("abc", repeat=2)]
+    res = lm.loglikelihood([Instance("loglikelihood", {}, (ctx, a), i) for i, a in enumerate(answers)],
+                           disable_tqdm=True)
+    assert [a for a, (_, greedy) in zip(answers, res) if greedy] == [want]
+
+
 def test_more_mc_samples_shrink_the_spread(toy):
     """Over 16 seeds, K = 64 draws spread ~4x less than K = 4 (1/√K), and the reported standard error matches the
     spread actually seen across seeds."""
