@@ -155,7 +155,8 @@ class MdtrainLM(TemplateLM):
         masked = not self.causal
         return {"model": "mdtrain", "path": self.path, "objective": self.objective.name, "seq_len": self.L,
                 "loglikelihood": "exact" if not masked else f"monte_carlo:{self.estimator}",
-                "bound": "exact" if not masked else "loglikelihood is a lower bound (NELBO): perplexity is an upper bound",
+                "bound": "exact" if not masked else
+                "loglikelihood is a lower bound (NELBO): perplexity is an upper bound",
                 "mc_samples": self.mc_samples if masked else None, "seed": self.seed, "add_bos": self.add_bos,
                 "sampler": self.sampler, "steps": self.steps or "one per generated token"}
 

@@ -65,7 +65,8 @@ def _mdtrain(*args, check=True):
     r = subprocess.run([sys.executable, "-m", "mdtrain", *args], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     if check and r.returncode != 0:
-        raise AssertionError(f"mdtrain {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+        raise AssertionError(f"mdtrain {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n"
+                             f"{r.stderr[-4000:]}")
     return r
 
 
@@ -92,9 +93,11 @@ ZS = ["model.flavor=debug", "model.dropout=0.0", "data.seq_len=32", "train.globa
 # Text shaped like each zero-shot set, in the form its public copy comes in (one document per line or field).
 SETS = {
     "ptb": ("ptb.valid.txt", "ptb", "line",
-            "\n".join(f"the N companies said they would n't sell shares of <unk> unit {i} to investors" for i in range(40))),
+            "\n".join(f"the N companies said they would n't sell shares of <unk> unit {i} to investors"
+                      for i in range(40))),
     "wikitext2": ("wiki.valid.raw", "wikitext", "line",
-                  "\n".join(f" = Section {i} = \n The team 's score was {i} @,@ 000 points ( a record ) ." for i in range(30))),
+                  "\n".join(f" = Section {i} = \n The team 's score was {i} @,@ 000 points ( a record ) ."
+                            for i in range(30))),
     "lambada": ("lambada_test.jsonl", "lambada", None,
                 "\n".join(json.dumps({"text": f"\N{LEFT DOUBLE QUOTATION MARK}Come in,\N{RIGHT DOUBLE QUOTATION MARK} "
                                               f"said the woman number {i}, and he went in."}) for i in range(40))),
