@@ -25,7 +25,8 @@ setup(
         # GPU kernels; never installed in CPU CI (they need CUDA to build or import).
         "gpu": ["flash-attn==2.8.3.post2", "mamba-ssm==2.3.2.post1", "causal-conv1d==1.7.0"],
         "dev": _reqs("requirements-dev.txt"),
-        # loading `mdtrain export --format hf` directories (mdtrain itself never imports it)
+        # Hugging Face model directories: loading `mdtrain export --format hf` outputs, and the hf:DIR scorer of
+        # generative perplexity (`mdtrain eval eval.gen_ppl_model=hf:DIR`); mdtrain's training never imports it
         "hf": ["transformers==5.24.0"],
     },
     entry_points={"console_scripts": ["mdtrain=mdtrain.cli:main"]},

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from mdtrain.configtools import ConfigError
 from mdtrain.evaluate import evaluate_splits, format_table, generative_perplexity, unigram_entropy
 from mdtrain.inference import checkpoint_step, load_for_inference
 from mdtrain.objectives.protocol import make_model_fn
@@ -30,7 +31,11 @@ class HFScorer:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"eval.gen_ppl_model='hf:{directory}': not a directory (hf:DIR takes a local "
                                     "Hugging Face model directory; nothing is downloaded)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise ConfigError("eval.gen_ppl_model=hf:DIR needs transformers: pip install 'mdtrain[hf]' "
+                              "(transformers==5.24.0)") from None
         self.tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
         self.device = torch.device(device)
