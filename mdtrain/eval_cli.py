@@ -71,7 +71,7 @@ def generation_row(bundle, model, step: Optional[int], device) -> dict:
     cfg, tok, objective = bundle.cfg, bundle.tokenizer, bundle.objective
     sc = cfg.sample
     gen = torch.Generator().manual_seed(sc.seed)
-    seqs, nfe, info = [], 0, {}
+    seqs, nfe, per_sample, info = [], 0, [], {}
     for start in range(0, sc.num_samples, sc.batch_size):
         n = min(sc.batch_size, sc.num_samples - start)
         opts = sampler_options(sc)
@@ -83,10 +83,12 @@ def generation_row(bundle, model, step: Optional[int], device) -> dict:
         tokens, info = sample(objective, make_model_fn(model), n, cfg.data.seq_len, sc.steps, gen,
                               sampler=sc.sampler, **opts)
         seqs += tokens.tolist()
-        nfe += int(info["nfe"])
+        nfe += int(info["nfe"])  # network calls (batched)
+        per_sample += [int(v) for v in info["nfe_per_sample"].tolist()]  # evaluations each sequence received
     scored = generative_perplexity([tok.decode(s) for s in seqs], load_scorer(cfg.eval.gen_ppl_model, device))
     return {"kind": "gen_ppl", "step": step, "sampler": info.get("sampler", sc.sampler),
-            "steps": None if objective.causal else sc.steps, "nfe": nfe, "nfe_per_sample": nfe / max(len(seqs), 1),
+            "steps": None if objective.causal else sc.steps, "nfe": nfe,
+            "nfe_per_sample": sum(per_sample) / max(len(per_sample), 1),
             "num_samples": len(seqs), "seq_len": len(seqs[0]) if seqs else 0, "seed": sc.seed, "top_p": sc.top_p,
             "scorer": cfg.eval.gen_ppl_model, **scored, "entropy": unigram_entropy(seqs)}
 

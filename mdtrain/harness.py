@@ -13,7 +13,7 @@ What each request computes (``MdtrainLM.describe()`` states it, and ``mdtrain lm
 - ``loglikelihood``: AR models exactly (one forward pass). Masked-family models (mdlm, md4, genmd4, d3pm, sedd) by
   Monte Carlo: ``mc_samples`` draws, context never masked, noise from ``seed`` keyed by the request's context
   (the answer choices of one question share their draws: common random numbers). ``estimator=llada`` (default,
-  LLaDA, Nie et al. 2025, Eq. 6): l ~ U{1..m} stratified over the draws, l of the m continuation tokens masked
+  LLaDA's conditional likelihood, Nie et al. 2025): l ~ U{1..m} stratified over the draws, l of the m continuation tokens masked
   uniformly without replacement, value (m/l)·Σ_masked −log p_θ(x_i | context, unmasked); ``estimator=elbo``:
   the objective's own NELBO with t drawn as in training, continuation tokens masked with probability 1 − α(t).
   Either is an upper bound on −log p(continuation | context) in expectation (exact for the true posterior), so

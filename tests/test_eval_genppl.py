@@ -87,6 +87,7 @@ def test_eval_gen_ppl_row_is_reproducible_and_agrees_with_mdtrain_sample(hf_dir,
     assert "gen-ppl" in out.stdout and "entropy" in out.stdout
     assert {"sampler", "steps", "nfe", "gen_ppl", "entropy", "num_samples", "seed", "scorer"} <= set(g)
     assert g["sampler"] == "ddpm" and g["steps"] == 8 and g["num_samples"] == 6 and g["nfe"] >= 8
+    assert 0 < g["nfe_per_sample"] <= 8 + 1  # each sequence's own evaluations (steps, + noise removal)
     # fixed seeds: another process (`mdtrain sample`) draws the same samples; scored and counted here
     samples = str(tmp_path / "samples.jsonl")
     _mdtrain("sample", run, *GEN, f"sample.out={samples}", "sample.show=0")
