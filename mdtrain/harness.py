@@ -13,8 +13,8 @@ What each request computes (``MdtrainLM.describe()`` states it, and ``mdtrain lm
 - ``loglikelihood``: AR models exactly (one forward pass). Masked-family models (mdlm, md4, genmd4, d3pm, sedd) by
   Monte Carlo: ``mc_samples`` draws, context never masked, noise from ``seed`` keyed by the request's context
   (the answer choices of one question share their draws: common random numbers). ``estimator=llada`` (default,
-  LLaDA's conditional likelihood, Nie et al. 2025): l ~ U{1..m} stratified over the draws, l of the m continuation tokens masked
-  uniformly without replacement, value (m/l)·Σ_masked −log p_θ(x_i | context, unmasked); ``estimator=elbo``:
+  LLaDA's conditional likelihood, Nie et al. 2025): l ~ U{1..m} stratified over the draws, l of the m
+  continuation tokens masked uniformly without replacement, value (m/l)·Σ_masked −log p_θ(x_i | context, unmasked); ``estimator=elbo``:
   the objective's own NELBO with t drawn as in training, continuation tokens masked with probability 1 − α(t).
   Either is an upper bound on −log p(continuation | context) in expectation (exact for the true posterior), so
   the returned log-likelihood is a lower bound; ``is_greedy``: LLaDA's check — greedy confidence-first decoding
