@@ -29,23 +29,10 @@ def _autocast(device: torch.device, precision: str):
 
 
 def per_sequence_nll(objective, model_fn, x0: torch.Tensor, attention_mask: torch.Tensor, noise: dict) -> torch.Tensor:
-    """Each sequence's NELBO (NLL for ar) in nats, float64 (B,), on the given noise: the per-sequence terms whose sum
-    is ``objective.loss(...)[1]["nll_sum"]`` (a test checks it for every objective). Draws named ``mask*`` in the
-    noise are independent masks at the same t (GenMD4 uses two); their NELBOs are averaged, as its loss does."""
-    valid = attention_mask.bool()
-    if objective.causal:
-        logits = model_fn(x0[:, :-1], objective.cond(torch.zeros(x0.shape[0], device=x0.device)))
-        nll, _ = objective.token_nll(logits, x0, attention_mask)
-        return nll.to(torch.float64).sum(1)
-    t = objective.sample_time(noise["t"])
-    cond = objective.cond(t)
-    masks = [k for k in objective.noise_spec(x0.shape[1]) if k.startswith("mask")]
-    total = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
-    for k in masks:
-        xt = objective.corrupt(x0, t, noise[k])
-        per_token = objective.nelbo(model_fn(xt, cond), x0, xt, t, valid, **objective.nelbo_extras(model_fn, x0, t))
-        total += per_token.to(torch.float64).sum(1)
-    return total / len(masks)
+    """Each sequence's NELBO (NLL for ar) in nats, float64 (B,), on the given noise: the objective's own loss, whose
+    per-sequence terms sum to its ``nll_sum`` (so every objective, block diffusion and shifted ones included, is
+    scored exactly as it trains)."""
+    return objective.loss(model_fn, x0, attention_mask, noise=noise)[1]["nll_per_sequence"]
 
 
 @torch.no_grad()
@@ -89,10 +76,11 @@ def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp3
                                     idx, ecfg.batch_size, rng.STREAM_EVAL)
             noise = {n: v.to(ctx.device) for n, v in noise.items()}
             with _autocast(ctx.device, precision):
-                values.append(per_sequence_nll(objective, model_fn, x0, attn, noise).cpu())
+                _, m = objective.loss(model_fn, x0, attn, noise=noise)
+            values.append(m["nll_per_sequence"].cpu())
         v = torch.stack(values)  # (K, B)
         acc[0] += v.mean(0).sum()
-        acc[1] += float(attn[:, 1:].sum() if objective.causal else attn.sum())
+        acc[1] += float(m["tokens"])  # the tokens the objective scores (AR, bd3lm, shifted: not the first)
         if not objective.causal:  # an AR NLL is exact: no Monte Carlo variance
             acc[2] += (v.var(0, unbiased=True) / mc).sum() if mc > 1 else math.nan
     if was_training:

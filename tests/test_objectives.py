@@ -264,6 +264,9 @@ def test_loss_with_given_noise_reproduces_its_recipe(name, tc, expect):
     torch.testing.assert_close(float(m["nll_sum"]), float(per_tok.double().sum()), rtol=1e-6, atol=0)
     assert float(m["tokens"]) == valid.sum()
     torch.testing.assert_close(float(loss), float(per_tok.sum()) / float(valid.sum()), rtol=1e-6, atol=0)
+    per_seq = m.pop("nll_per_sequence")
+    assert per_seq.shape == (B,) and per_seq.dtype == torch.float64 and not per_seq.requires_grad
+    torch.testing.assert_close(per_seq, per_tok.double().sum(1), rtol=1e-6, atol=0)
     assert all(v.dtype == torch.float64 and v.dim() == 0 and not v.requires_grad for v in m.values())
 
 

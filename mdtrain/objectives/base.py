@@ -111,11 +111,15 @@ class Objective(nn.Module, abc.ABC):
 
     def _finish(self, nll_terms: torch.Tensor, valid: torch.Tensor, surrogate=None, **extra):
         """(training scalar, metrics). ``nll_terms`` (per token or per sequence, 0 where invalid) sum to the batch's
-        NELBO in nats; the scalar is (that sum + Σ ``surrogate`` terms, if any) / #valid tokens."""
+        NELBO in nats; the scalar is (that sum + Σ ``surrogate`` terms, if any) / #valid tokens. ``nll_per_sequence``
+        (B,) float64 is each sequence's share of ``nll_sum``."""
         tokens = valid.sum()
         total = nll_terms.sum() if surrogate is None else nll_terms.sum() + surrogate.sum()
         loss = total / tokens.clamp_min(1)
-        metrics = {"nll_sum": _metric(nll_terms.detach().sum(dtype=torch.float64)), "tokens": _metric(tokens)}
+        per_seq = nll_terms.detach().to(torch.float64)
+        per_seq = per_seq.reshape(per_seq.shape[0], -1).sum(1) if per_seq.dim() > 1 else per_seq
+        metrics = {"nll_sum": per_seq.sum(), "tokens": _metric(tokens),
+                   "nll_per_sequence": per_seq}  # (B,): each sequence's NELBO, for Monte Carlo standard errors
         if self.reports_bits:
             metrics["bits_sum"] = metrics["nll_sum"] / math.log(2)
         metrics.update({k: _metric(v) for k, v in extra.items()})
