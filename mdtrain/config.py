@@ -24,20 +24,20 @@ __all__ = ["Config", "ConfigError", "load_config", "save_config"]
 
 @dataclass
 class OptimConfig:
-    lr: float = doc(3e-4, "peak learning rate (MDLM: 3e-4)")
-    betas: list[float] = doc([0.9, 0.999], "AdamW betas (MDLM: 0.9, 0.999; MD4: 0.9, 0.999)")
-    eps: float = doc(1e-8, "AdamW epsilon")
-    weight_decay: float = doc(0.0, "AdamW weight decay (MDLM: 0; MD4: 0.03)")
+    lr: float = doc(3e-4, "peak learning rate (MDLM: 3e-4)", gt=0)
+    betas: list[float] = doc([0.9, 0.999], "AdamW betas (MDLM: 0.9, 0.999; MD4: 0.9, 0.999)", ge=0, lt=1)
+    eps: float = doc(1e-8, "AdamW epsilon", gt=0)
+    weight_decay: float = doc(0.0, "AdamW weight decay (MDLM: 0; MD4: 0.03)", ge=0)
     no_decay: list[str] = doc(["1d", "embed"],
                               "exempt from weight decay: '1d' for every 1-D parameter (biases, norm scales), and "
                               "parameter-name components ('embed' = embed.weight, not time_embed.*); [] decays "
                               "everything (MD4)")
-    grad_clip: float = doc(1.0, "max global grad norm; 0 disables clipping")
+    grad_clip: float = doc(1.0, "max global grad norm; 0 disables clipping", ge=0)
     schedule: str = doc("constant_warmup", "LR schedule: constant_warmup (MDLM), cosine (MD4, to zero), wsd",
                         choices=("constant_warmup", "cosine", "wsd"))
-    warmup_steps: int = doc(2500, "linear warmup steps (MDLM: 2500)")
-    decay_fraction: float = doc(0.2, "wsd: fraction of the run spent decaying to min_lr_ratio at the end")
-    min_lr_ratio: float = doc(0.0, "cosine/wsd: final LR as a fraction of the peak")
+    warmup_steps: int = doc(2500, "linear warmup steps (MDLM: 2500)", ge=0)
+    decay_fraction: float = doc(0.2, "wsd: fraction of the run spent decaying to min_lr_ratio at the end", gt=0, le=1)
+    min_lr_ratio: float = doc(0.0, "cosine/wsd: final LR as a fraction of the peak", ge=0, le=1)
 
     def validate(self):
         if self.lr <= 0:
@@ -49,20 +49,23 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = doc("runs/default", "run directory: config.yaml, metrics.jsonl, checkpoints/")
-    steps: int = doc(1000, "optimizer steps to train for")
-    global_batch_size: int = doc(512, "sequences per optimizer step, summed over ranks and accumulation (MDLM: 512)")
-    micro_batch_size: int = doc(16, "sequences per forward/backward on one rank")
-    seed: int = doc(1, "seed of every random stream (MDLM: 1)")
+    steps: int = doc(1000, "optimizer steps to train for", ge=1)
+    global_batch_size: int = doc(512, "sequences per optimizer step, summed over ranks and accumulation (MDLM: 512)", ge=1)
+    micro_batch_size: int = doc(16, "sequences per forward/backward on one rank", ge=1)
+    seed: int = doc(1, "seed of every random stream (MDLM: 1)", ge=0)
     precision: str = doc("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16",
                          choices=("auto", "fp32", "bf16"))
-    ema: float = doc(0.9999, "EMA decay; 0 disables EMA (MDLM, MD4: 0.9999)")
+    ema: float = doc(0.9999, "EMA decay; 0 disables EMA (MDLM, MD4: 0.9999)", ge=0, lt=1)
     ema_warmup: bool = doc(True, "MDLM's EMA warmup min(ema, (1+n)/(10+n)); false = the constant decay from step 1 "
                                  "(MD4)")
     use_ema_for_eval: bool = doc(True, "evaluate and sample with the EMA weights when EMA is on")
     compile: bool = doc(False, "torch.compile each block")
     activation_checkpointing: bool = doc(False, "recompute each block's activations in backward")
     deterministic: bool = doc(False, "deterministic algorithms, for bit-exact comparisons")
-    max_nonfinite_steps: int = doc(10, "stop after this many NaN/inf losses in a row (each such step is skipped)")
+    max_nonfinite_steps: int = doc(10, "stop after this many steps in a row whose loss or gradient norm is NaN/inf "
+                                       "(each such step is skipped and counted)", ge=1)
+    stop_check_every: int = doc(10, "poll the stop signal (SIGUSR2/SIGTERM on any rank) every N steps and on every "
+                                    "logging step: one tiny all-reduce; a stop takes effect within N steps", ge=1)
     device: str = doc("auto", "auto (cuda:LOCAL_RANK if CUDA is available, else the CPU), cpu (also on a GPU "
                               "machine), cuda", choices=("auto", "cpu", "cuda"))
 
@@ -71,7 +74,7 @@ class TrainConfig:
 class ParallelConfig:
     engine: str = doc("ddp", "data-parallel engine (ddp is plain single-process training at world size 1)",
                       choices=("ddp", "fsdp", "deepspeed"))
-    tp: int = doc(1, "tensor-parallel size (Megatron-core layers)")
+    tp: int = doc(1, "tensor-parallel size (Megatron-core layers)", ge=1)
     zero_stage: int = doc(2, "deepspeed: ZeRO stage 0-3", choices=(0, 1, 2, 3))
     deepspeed_config: str = doc("", "deepspeed: path to a DeepSpeed JSON whose values override the generated one")
     offload_optimizer: bool = doc(False, "fsdp/deepspeed: keep optimizer state on CPU")
@@ -82,16 +85,25 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = doc(1000, "save every N steps (and at the end); 0 saves only at the end")
-    keep_last: int = doc(3, "keep the newest K checkpoints; 0 keeps all")
-    resume: bool = doc(True, "resume from the newest valid checkpoint in the run dir")
+    every: int = doc(1000, "save every N steps (and at the end); 0 saves only at the end", ge=0)
+    keep_last: int = doc(3, "keep the newest K checkpoints of this run (older ones are pruned after each save, never "
+                            "a newer one); 0 keeps all", ge=0)
+    resume: bool = doc(True, "resume from the newest valid checkpoint in the run dir; false in a run dir that holds "
+                             "checkpoints is an error (unless checkpoint.start_over)")
+    start_over: bool = doc(False, "train from step 0 in a run dir that holds checkpoints (also when none of them is "
+                                  "usable): the previous run's checkpoints/, metrics.jsonl and config.yaml are moved "
+                                  "into RUN_DIR/superseded/<time>/ first, never deleted; a requeued job resumes "
+                                  "instead of starting over again")
+    verify: str = doc("size", "check of a checkpoint before it is resumed or loaded: size (manifest complete, every "
+                              "file regular and of its size; stat calls only) or sha256 (also hash every file, "
+                              "each rank the files it wrote)", choices=("size", "sha256"))
     async_save: bool = doc(False, "ddp/fsdp: write DCP checkpoints in the background")
     load_from: str = doc("", "initialise weights from this checkpoint or export dir (not a resume)")
 
 
 @dataclass
 class LoggingConfig:
-    every: int = doc(10, "log a console line and a metrics.jsonl row every N steps")
+    every: int = doc(10, "log a console line and a metrics.jsonl row every N steps", ge=1)
     wandb: bool = doc(False, "log to Weights & Biases (offline unless WANDB_API_KEY is set)")
     wandb_project: str = doc("mdtrain", "wandb project")
     wandb_name: str = doc("", "wandb run name; empty = the run dir's name")
@@ -100,11 +112,11 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = doc(0, "evaluate every N steps during training; 0 = only at the end")
-    batches: int = doc(0, "validation batches per evaluation; 0 = the whole validation split")
-    batch_size: int = doc(16, "sequences per eval forward on one rank")
-    mc_samples: int = doc(1, "Monte Carlo time samples per sequence for the NELBO")
-    seed: int = doc(0, "seed of the eval Monte Carlo noise (fixed, so evals are comparable)")
+    every: int = doc(0, "evaluate every N steps during training; 0 = only at the end", ge=0)
+    batches: int = doc(0, "validation batches per evaluation; 0 = the whole validation split", ge=0)
+    batch_size: int = doc(16, "sequences per eval forward on one rank", ge=1)
+    mc_samples: int = doc(1, "Monte Carlo time samples per sequence for the NELBO", ge=1)
+    seed: int = doc(0, "seed of the eval Monte Carlo noise (fixed, so evals are comparable)", ge=0)
     extra: list[str] = doc([], "more prepared datasets to evaluate zero-shot (paths)")
     gen_ppl_model: str = doc("", "AR checkpoint/export dir that scores samples for generative perplexity")
 

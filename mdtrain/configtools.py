@@ -21,19 +21,46 @@ class ConfigError(ValueError):
     """A config problem a user can fix; the message names the key, the value and what to do."""
 
 
-def doc(default: Any, help: str, choices: tuple | None = None) -> Any:
+def doc(default: Any, help: str, choices: tuple | None = None, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None) -> Any:
     """A dataclass field with a one-line doc (shown by ``mdtrain train --help-config``).
 
-    Mutable defaults (lists, dicts) are copied per instance. ``choices`` restricts a string field.
-    """
+    Mutable defaults (lists, dicts) are copied per instance. ``choices`` restricts a string field; ``ge`` / ``gt`` /
+    ``le`` / ``lt`` bound a number (each element of a list; None passes), checked by :func:`validate_tree`."""
     meta = {"doc": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["bounds"] = bounds
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     if dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda d=default: dataclasses.replace(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
+             "lt": lambda v, b: v < b}
+
+
+def check_bounds(f: dataclasses.Field, value: Any, key: str) -> None:
+    """A ConfigError naming ``key`` if ``value`` (or an element of it) is a non-finite float or outside the
+    field's declared bounds."""
+    import math
+
+    values = value if isinstance(value, (list, tuple)) else [value]
+    bounds = f.metadata.get("bounds", {})
+    for v in values:
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        for kind, b in bounds.items():
+            if not _BOUND_OK[kind](v, b):
+                rule = " and ".join(f"{_BOUND_TEXT[k]} {x}" for k, x in bounds.items())
+                raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
 
 def section(cls: type, help: str) -> Any:
@@ -260,12 +287,15 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def validate_tree(obj: Any) -> None:
-    """Call ``validate()`` on every section that defines one (leaves first, then the root)."""
+def validate_tree(obj: Any, prefix: str = "") -> None:
+    """Check every field's bounds (``doc(..., ge=...)``) and finiteness, then call ``validate()`` on every section
+    that defines one (leaves first, then the root)."""
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
-            validate_tree(v)
+            validate_tree(v, prefix + f.name + ".")
+        else:
+            check_bounds(f, v, prefix + f.name)
     if hasattr(obj, "validate"):
         obj.validate()
 

@@ -9,7 +9,9 @@ objective's ``loss``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -20,6 +22,9 @@ from mdtrain import rng, signals
 from mdtrain.checkpoint import CheckpointManager
 from mdtrain.config import Config, load_config, save_config
 from mdtrain.configtools import ConfigError, to_dict
+from mdtrain.faults import CheckpointError
+from mdtrain.parallel.engines.base import main_then_all
+from mdtrain.rundir import RunDirLock, check_writable, move_aside
 from mdtrain.data.images import check_image_layout, label_kwargs
 from mdtrain.metrics import MetricsLogger, memory_gib, peak_flops
 from mdtrain.modeling import build_objective_and_model
@@ -146,7 +151,6 @@ def _client_state_v1(flat: dict) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config):
-        from mdtrain.data.loader import build_loader
         from mdtrain.parallel.dist import init_distributed
 
         self.cfg = cfg
@@ -158,16 +162,42 @@ class Trainer:
         self.accum = grad_accumulation(cfg, self.ctx.dp_size)
         self.precision = compute_precision(cfg, self.device)
         self.run_dir = cfg.train.run_dir
-        if self.ctx.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
+        self.lock = RunDirLock(self.run_dir)
+        self.engine = None
+        main_then_all(self.ctx, self._claim_run_dir)  # one writer per run dir, before anything is written
+        try:
+            self._setup()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _claim_run_dir(self) -> None:
+        self.lock.acquire()
+        try:
+            check_writable(os.path.join(self.run_dir, "checkpoints"))
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self) -> None:
+        """Loader, eval sets, the checkpoint to resume (checked against this run's math), model and engine, restored
+        state: everything that can fail does so here, before the first step."""
+        from mdtrain.data.loader import build_loader
+
+        cfg = self.cfg
         self.ctx.barrier()
         self.loader = build_loader(cfg.data, "train", cfg.train.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size,
                                    seed=cfg.train.seed, infinite=True)
         check_image_layout(cfg.model.image_shape, self.loader)
         self.tokenizer, self.seq_len = self.loader.tokenizer, self.loader.seq_len
+        self._check_eval_sets()
 
-        self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.checkpoint.keep_last, self.ctx)
-        self.resume_path = self.ckpt.latest() if cfg.checkpoint.resume else None
+        self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.checkpoint.keep_last, self.ctx,
+                                      verify=cfg.checkpoint.verify)
+        self.resume_path = self.ckpt.select(cfg.checkpoint.resume, cfg.checkpoint.start_over,
+                                            lambda: move_aside(self.run_dir))
+        if self.resume_path is not None:
+            main_then_all(self.ctx, lambda: check_resumable(self.resume_path, cfg, self.tokenizer))
         self._build()
 
         self.progress = Progress()
@@ -180,6 +210,8 @@ class Trainer:
             self._resumed_step = self.progress.step
             if self.ctx.is_main:
                 print(f"resumed from {self.resume_path} at step {self.progress.step}", flush=True)
+        # tokens trained on since the last read-back, kept on the device (read on logging steps and saves)
+        self._tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         self.data_iter = iter(self.loader)
         if self.ctx.is_main:
             _warn_config_changes(self.run_dir, cfg)
@@ -193,6 +225,26 @@ class Trainer:
                                      wandb_cfg)
         if self.metrics.wandb:
             self.progress.wandb_id = self.metrics.wandb.id
+
+    def _check_eval_sets(self) -> None:
+        """The validation split and every ``eval.extra`` set exist, hold samples and share the model's tokenizer:
+        found now, not after training (building a loader reads manifests only)."""
+        import dataclasses
+
+        from mdtrain.data.errors import DataError
+        from mdtrain.data.loader import build_loader
+
+        cfg = self.cfg
+        sets = [cfg.data] + [dataclasses.replace(cfg.data, train=p, valid=p) for p in cfg.eval.extra]
+        for dcfg in sets:
+            loader = build_loader(dcfg, "valid", cfg.eval.batch_size, self.ctx.dp_rank, self.ctx.dp_size,
+                                  seed=cfg.eval.seed, infinite=False)
+            tok = loader.tokenizer
+            if (tok.vocab_size, tok.mask_id) != (self.tokenizer.vocab_size, self.tokenizer.mask_id):
+                raise DataError(f"eval set '{dcfg.valid or dcfg.train}' was tokenized with vocab_size="
+                                f"{tok.vocab_size}, mask_id={tok.mask_id}; the training data has vocab_size="
+                                f"{self.tokenizer.vocab_size}, mask_id={self.tokenizer.mask_id}. Prepare it with the "
+                                f"training data's tokenizer")
 
     def _build(self) -> None:
         """Objective and model (identical initial weights on every rank, or ``checkpoint.load_from``'s), then
@@ -241,52 +293,65 @@ class Trainer:
                                 self.cfg.train.global_batch_size, rng.STREAM_NOISE)
         return {k: v.to(self.device) for k, v in noise.items()}
 
-    def train_step(self) -> dict:
-        """One optimizer step over the global batch: accumulate every micro-batch's share of the global loss, step."""
-        cfg, prog = self.cfg, self.progress
+    def train_step(self, read: bool = True) -> dict:
+        """One optimizer step over the global batch: accumulate every micro-batch's share of the global loss, step.
+
+        Token counts and the loss stay on the device; the values are read back only when ``read`` (a logging step)
+        or when the step was skipped. The step's only host read is the engine's gradient norm, which also carries
+        every rank's loss finiteness (a non-finite share turns its rank's gradients into NaN before they are
+        reduced), so no separate all-reduce of a finiteness flag is needed."""
+        cfg, prog, ctx = self.cfg, self.progress, self.ctx
         batches = [next(self.data_iter) for _ in range(self.accum)]
-        local_tok = sum(float(valid_tokens(self.objective, b["attention_mask"])) for b in batches)
+        inputs = [(b["input_ids"].to(self.device, non_blocking=True),
+                   b["attention_mask"].to(self.device, non_blocking=True), b) for b in batches]
+        local_tok = torch.stack([valid_tokens(self.objective, attn) for _, attn, _ in inputs]).sum()
         # over data-parallel ranks only: the tensor-parallel ranks of a DP rank hold copies of the same batch
-        global_tok = float(self.ctx.all_reduce_sum(torch.tensor([local_tok], dtype=torch.float64),
-                                                   group=self.ctx.dp_group)[0])
+        global_tok = ctx.all_reduce_sum(local_tok.to(torch.float64).reshape(1), group=ctx.dp_group)[0]
         self.engine.set_lr(lr_at(prog.step, cfg.train.steps, cfg.optim))
         set_train_step(self.engine.model, prog.step)  # step-dependent forwards (attention-mask annealing)
         self.engine.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for micro, batch in enumerate(batches):
-            x0 = batch["input_ids"].to(self.device, non_blocking=True)
-            attn = batch["attention_mask"].to(self.device, non_blocking=True)
+        for micro, (x0, attn, batch) in enumerate(inputs):
             noise = self._noise(prog.step, micro, x0.shape[0], x0.shape[1])
-            rng.seed_dropout(cfg.train.seed, prog.step, self.ctx.rank, micro)
+            rng.seed_dropout(cfg.train.seed, prog.step, ctx.rank, micro)
             last = micro == self.accum - 1
             with self.engine.no_sync() if not last else contextlib.nullcontext():
                 extra = label_kwargs(cfg.model.num_classes, batch, self.device)
                 with self._autocast():
                     loss, m = self.objective.loss(make_model_fn(self.engine.model, attn, **extra), x0, attn,
                                                   noise=noise)
-                share = loss.float() * (float(m["tokens"]) / global_tok)
-                self.engine.backward(share)
+                share = loss.float() * (m["tokens"].to(global_tok.device) / global_tok).float()
+                # x * 1.0 keeps every bit; NaN reaches every gradient (NaN * 0 is NaN), so the reduced gradient norm
+                # is non-finite on every rank when any rank's loss is
+                self.engine.backward(share * torch.where(torch.isfinite(share), 1.0, math.nan))
             loss_sum += share.detach().double()
-        finite = torch.isfinite(loss_sum).to(torch.float64).reshape(1).cpu()
-        all_finite = float(self.ctx.all_reduce_sum(finite)[0]) == self.ctx.world_size
-        grad_norm = self.engine.step(cfg.optim.grad_clip, skip=not all_finite)
-        if all_finite:
+        grad_norm = self.engine.step(cfg.optim.grad_clip)
+        finite = math.isfinite(grad_norm)
+        if finite:
             prog.nonfinite_in_a_row = 0
             if cfg.train.ema > 0:
                 n = prog.step + 1 - prog.skipped_total
                 self.engine.ema_update(ema_decay(cfg.train.ema, n) if cfg.train.ema_warmup else cfg.train.ema)
-        else:
+        else:  # the engine dropped the update (a NaN/inf loss on some rank, or an overflowing gradient)
             prog.nonfinite_in_a_row += 1
             prog.skipped_total += 1
             if prog.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                 raise FloatingPointError(
-                    f"{prog.nonfinite_in_a_row} non-finite losses in a row at step {prog.step + 1}: stopping. Lower "
-                    f"optim.lr, check the data, or raise train.max_nonfinite_steps")
+                    f"{prog.nonfinite_in_a_row} non-finite losses in a row at step {prog.step + 1} (a step whose loss "
+                    f"or gradient norm is NaN/inf is skipped): stopping. Lower optim.lr, check the data, or raise "
+                    f"train.max_nonfinite_steps")
         prog.step += 1
-        prog.tokens += int(global_tok)
-        global_loss = self.ctx.all_reduce_sum(loss_sum.reshape(1).cpu(), group=self.ctx.dp_group)[0]
-        return {"loss": float(global_loss), "grad_norm": float(grad_norm), "tokens_step": global_tok,
-                "finite": all_finite}
+        self._tokens += global_tok.to(torch.int64)
+        out = {"loss": None, "grad_norm": grad_norm, "finite": finite}
+        if read or not finite:
+            out["loss"] = float(ctx.all_reduce_sum(loss_sum.reshape(1), group=ctx.dp_group)[0])
+            self._read_tokens()
+        return out
+
+    def _read_tokens(self) -> None:
+        """Fold the device-side token count into ``progress.tokens`` (a host read: logging steps and saves only)."""
+        self.progress.tokens += int(self._tokens)
+        self._tokens.zero_()
 
     # ------------------------------------------------------------------------------------------------
     def fit(self) -> str:
@@ -301,27 +366,28 @@ class Trainer:
                            f"{self.ctx.world_size} rank(s) [{cfg.parallel.engine}], global batch "
                            f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {self.accum} accum x "
                            f"{self.ctx.dp_size} dp; from step {prog.step} to {cfg.train.steps}")
-        window_tokens, window_s = 0.0, 0.0
+        window_tokens, window_s = prog.tokens, 0.0
+        every, poll = cfg.logging.every, cfg.train.stop_check_every
         while prog.step < cfg.train.steps:
-            if self._stop_agreed():
+            if (prog.step % poll == 0 or prog.step % every == 0) and self._stop_agreed():
                 self.save()
                 self.metrics.print(f"stop signal ({signals.received()}): checkpoint saved at step {prog.step}; "
                                    f"re-run the same command (or let the launcher requeue) to resume")
                 return "preempted"
             t0 = time.perf_counter()
-            out = self.train_step()
-            window_s += time.perf_counter() - t0
-            window_tokens += out["tokens_step"]
+            log_now = (prog.step + 1) % every == 0 or prog.step + 1 == cfg.train.steps
+            out = self.train_step(read=log_now)
+            window_s += time.perf_counter() - t0  # host time; the logging step's read waits for the device
             self.metrics.advance(prog.step)
-            if prog.step % cfg.logging.every == 0 or prog.step == cfg.train.steps or not out["finite"]:
-                tps = window_tokens / max(window_s, 1e-9)
+            if log_now or not out["finite"]:
+                tps = (prog.tokens - window_tokens) / max(window_s, 1e-9)
                 mfu = (self.flops_per_token * tps / self.ctx.world_size / self.peak) if self.peak else None
                 self.metrics.log_train({"step": prog.step, "loss": out["loss"], "tokens": prog.tokens,
                                         "lr": lr_at(prog.step - 1, cfg.train.steps, cfg.optim),
                                         "grad_norm": out["grad_norm"], "tokens_per_s": tps, "mfu": mfu,
                                         "memory_gib": memory_gib(self.device), "skipped": prog.skipped_total,
                                         "skipped_samples": getattr(self.loader, "skipped_samples", 0)})
-                window_tokens, window_s = 0.0, 0.0
+                window_tokens, window_s = prog.tokens, 0.0
             if cfg.eval.every and prog.step % cfg.eval.every == 0 and prog.step < cfg.train.steps:
                 self.evaluate()
             if cfg.checkpoint.every and prog.step % cfg.checkpoint.every == 0 and prog.step < cfg.train.steps:
@@ -332,7 +398,8 @@ class Trainer:
         return "done"
 
     def _stop_agreed(self) -> bool:
-        """True on every rank when any rank received a stop signal (so all ranks save together)."""
+        """True on every rank when any rank received a stop signal (so all ranks save together). A CPU all-reduce
+        (gloo beside NCCL on GPUs): it never waits for the device."""
         flag = torch.tensor([1.0 if signals.stop_requested() else 0.0], dtype=torch.float64)
         return float(self.ctx.all_reduce_sum(flag)[0]) > 0
 
@@ -340,6 +407,7 @@ class Trainer:
     def evaluate(self) -> list[dict]:
         """The validation split and ``eval.extra`` (EMA weights when ``train.use_ema_for_eval``); one row each."""
         from mdtrain.evaluate import evaluate_splits
+        self._device_sync()  # the training steps queued before it are not evaluation time
         t0 = time.perf_counter()
         use_ema = self.cfg.train.ema > 0 and self.cfg.train.use_ema_for_eval
         with self.engine.ema_swapped() if use_ema else contextlib.nullcontext():
@@ -349,21 +417,104 @@ class Trainer:
             self.metrics.log_eval({**row, "seconds": seconds})
         return rows
 
+    def _device_sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def save(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
+        self._read_tokens()  # the progress a checkpoint records is exact
 
         def extra(path):
             save_config(cfg, os.path.join(path, "config.yaml"))
             tok.save(os.path.join(path, "tokenizer"))
+        self._device_sync()
         t0 = time.perf_counter()
         path = self.ckpt.save(self.progress.step, self.engine, extra, async_save=cfg.checkpoint.async_save)
         verb = "writing" if cfg.checkpoint.async_save else "saved"
         self.metrics.print(f"{verb} checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
 
     def close(self) -> None:
-        self.ckpt.finish()
-        self.metrics.close()
-        self.engine.close()
+        """Finish a pending save, close the logs and the engine, and release the run dir (also after an error)."""
+        try:
+            if getattr(self, "ckpt", None) is not None and self.engine is not None:
+                self.ckpt.finish()
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close()
+            if self.engine is not None:
+                self.engine.close()
+        finally:
+            self.lock.release()
+
+
+# the keys a checkpoint's weights and optimizer state are only meaningful for: objective.* and the model's shape and
+# variant (kernels and dropout may change); every other key may change on resume (lr, steps, batch, logging, eval,
+# the world and TP size, which the engines reshard)
+MODEL_KEYS_FREE_ON_RESUME = ("dropout", "attention", "mamba_backend")
+
+
+def _tokenizer_files(directory: str) -> dict:
+    """A saved tokenizer's content: every file's bytes, its metadata without the spec it was made from."""
+    import json
+
+    from mdtrain.data.tokenizers import META_FILE
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as fh:
+            data = fh.read()
+        if name == META_FILE:
+            meta = json.loads(data)
+            meta.pop("spec", None)
+            data = json.dumps(meta, sort_keys=True).encode()
+        out[name] = data
+    return out
+
+
+def check_resumable(path: str, cfg: Config, tokenizer) -> None:
+    """A CheckpointError (one line, before any work) when the checkpoint at ``path`` was trained with other math
+    than ``cfg`` describes: objective, model shape or variant, tokenizer, or an engine that cannot load it."""
+    old = {}
+    cpath = os.path.join(path, "config.yaml")
+    if os.path.exists(cpath):
+        with open(cpath) as fh:
+            old = yaml.safe_load(fh) or {}
+    new = to_dict(cfg)
+    diffs = []
+    for section in ("objective", "model"):
+        before, now = old.get(section) or {}, new[section]
+        for key, value in now.items():
+            if key in before and before[key] != value and not (section == "model" and key in
+                                                                   MODEL_KEYS_FREE_ON_RESUME):
+                diffs.append(f"{section}.{key}={before[key]!r} (this run: {value!r})")
+    from mdtrain.parallel.engines.base import read_meta
+    meta = read_meta(path)
+    engine = cfg.parallel.engine
+    if meta["engine"] != engine:
+        diffs.append(f"parallel.engine={meta['engine']} (this run: {engine}; a checkpoint resumes with the engine "
+                     f"that wrote it)")
+    elif engine == "deepspeed" and meta.get("zero_stage") != cfg.parallel.zero_stage:
+        diffs.append(f"parallel.zero_stage={meta.get('zero_stage')} (this run: {cfg.parallel.zero_stage})")
+    tok_dir = os.path.join(path, "tokenizer")
+    if os.path.isdir(tok_dir):
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save(tmp)
+            if _tokenizer_files(tmp) != _tokenizer_files(tok_dir):
+                diffs.append(f"the tokenizer (the checkpoint's has vocab size "
+                             f"{_vocab_size(tok_dir)}, this run's data {tokenizer.vocab_size})")
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume {path}: it was trained with {'; '.join(diffs)}. These define what the weights mean: "
+            f"restore them to resume, or start a new run from these weights with checkpoint.load_from={path} in "
+            f"another train.run_dir (or with checkpoint.start_over=true)")
+
+
+def _vocab_size(tok_dir: str):
+    from mdtrain.data.tokenizers import load_tokenizer
+    try:
+        return load_tokenizer(tok_dir).vocab_size
+    except Exception:  # noqa: BLE001 - only for the message
+        return "?"
 
 
 def _warn_config_changes(run_dir: str, cfg: Config) -> None:

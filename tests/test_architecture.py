@@ -10,15 +10,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lowest first. A module may import modules of its own package (the first two dotted parts, e.g. mdtrain.models)
 # and modules of strictly lower layers; never a module of its own layer's other packages, never one above.
 LAYERS = [
-    ["mdtrain", "mdtrain.configtools", "mdtrain.rng", "mdtrain.signals", "mdtrain.metrics", "mdtrain.testing"],
+    ["mdtrain", "mdtrain.configtools", "mdtrain.rng", "mdtrain.signals", "mdtrain.metrics", "mdtrain.testing",
+     "mdtrain.faults"],
     ["mdtrain.models", "mdtrain.objectives", "mdtrain.data"],
     ["mdtrain.parallel", "mdtrain.optim", "mdtrain.errors", "mdtrain.launch.config"],
-    ["mdtrain.config", "mdtrain.modeling", "mdtrain.checkpoint", "mdtrain.evaluate"],
+    ["mdtrain.config", "mdtrain.modeling", "mdtrain.checkpoint", "mdtrain.evaluate", "mdtrain.rundir"],
     ["mdtrain.exported"],
     ["mdtrain.inference", "mdtrain.sampling_images"],
     ["mdtrain.trainer", "mdtrain.sampling_cli", "mdtrain.compare", "mdtrain.interop", "mdtrain.harness"],
     ["mdtrain.eval_cli"],  # draws its gen-PPL samples exactly as `mdtrain sample` does (sampling_cli's options)
-    ["mdtrain.launch.slurm"],
+    ["mdtrain.launch.slurm", "mdtrain.launch.torchrun"],
     ["mdtrain.sweep"],
     ["mdtrain.cli"],
     ["mdtrain.__main__"],

@@ -19,12 +19,12 @@ class ModelConfig:
                                "SiLU modulation, cond = sigma) or md4 (sigmoid-GLU MLP, parameter-free LayerNorm, "
                                "sigmoid modulation, no biases, channel-wise dropout, cond = t, embedded as t*1000, "
                                "cond_dim defaults to the head dim)", choices=("mdlm", "md4"))
-    n_layers: Optional[int] = doc(None, "override the flavor's number of blocks")
-    d_model: Optional[int] = doc(None, "override the flavor's hidden size")
+    n_layers: Optional[int] = doc(None, "override the flavor's number of blocks", ge=1)
+    d_model: Optional[int] = doc(None, "override the flavor's hidden size", ge=1)
     n_heads: Optional[int] = doc(None, "override the flavor's number of attention heads (dimamba: SSM head dim = "
-                                       "d_model / n_heads)")
-    cond_dim: Optional[int] = doc(None, "override the flavor's time-conditioning width")
-    dropout: float = doc(0.1, "dropout probability (MDLM: 0.1; MD4 OWT: 0.02)")
+                                       "d_model / n_heads)", ge=1)
+    cond_dim: Optional[int] = doc(None, "override the flavor's time-conditioning width", ge=1)
+    dropout: float = doc(0.1, "dropout probability (MDLM: 0.1; MD4 OWT: 0.02)", ge=0, lt=1)
     attention: str = doc("auto", "attention kernel: auto (flash-attn when importable and the inputs are CUDA "
                                  "bf16/fp16, flex attention for general masks such as bd3lm's on CUDA, else "
                                  "scaled_dot_product_attention), flash (require flash-attn), flex (flex attention "
@@ -32,13 +32,13 @@ class ModelConfig:
     mamba_backend: str = doc("auto", "dimamba scan: auto (mamba-ssm's Triton SSD kernel when importable and on CUDA, "
                                      "else pure PyTorch), triton (require the kernel), torch",
                              choices=("auto", "triton", "torch"))
-    mamba_d_state: int = doc(64, "dimamba: SSM state size per head (Mamba-2 default 128)")
+    mamba_d_state: int = doc(64, "dimamba: SSM state size per head (Mamba-2 default 128)", ge=1)
     image_shape: list[int] = doc([], "image data ([H, W, C], pixels as tokens, H*W*C = data.seq_len; CIFAR-10: "
                                      "[32, 32, 3]): the unet's layout; eval adds bits/dim and `mdtrain sample` "
-                                     "writes a PNG grid, for any backbone; [] = not images")
+                                     "writes a PNG grid, for any backbone; [] = not images", ge=1)
     num_classes: int = doc(0, "unet: class-conditional training and sampling on the data's labels (`mdtrain "
                               "prepare --images` keeps them); a class embedding joins the time embedding (MD4's "
-                              "classes); 0 = unconditional")
+                              "classes); 0 = unconditional", ge=0)
     llama: LlamaConfig = section(LlamaConfig, "model.name=llama: attention, norms, MLP, rotary, biases, tying")
 
     def validate(self):

@@ -35,21 +35,21 @@ class ObjectiveConfig:
                             "genmd4: its learnable genmd4_poly). MDLM family: loglinear, cosine, cosinesqr, "
                             "linear_sigma, geometric_sigma; MD4 family: md4_linear, md4_cosine, md4_polyK (md4_poly3)")
     schedule_eps: Optional[float] = doc(None, "schedule ε; null = the schedule's own (MDLM family 1e-3, MD4 family "
-                                              "and genmd4 1e-4)")
-    sigma_min: Optional[float] = doc(None, "linear_sigma / geometric_sigma: σ(0); null = 1e-3")
-    sigma_max: Optional[float] = doc(None, "linear_sigma / geometric_sigma: σ(1); null = 7.0 / 1.0")
+                                              "and genmd4 1e-4)", ge=0, lt=1)
+    sigma_min: Optional[float] = doc(None, "linear_sigma / geometric_sigma: σ(0); null = 1e-3", ge=0)
+    sigma_max: Optional[float] = doc(None, "linear_sigma / geometric_sigma: σ(1); null = 7.0 / 1.0", gt=0)
     sampling_eps: Optional[float] = doc(None, "training t = eps + (1-eps)·u; null = the objective's own (mdlm/"
                                               "d3pm/sedd 1e-3, md4 0, genmd4 1e-3 = its t1; its recon term covers "
-                                              "[0, t1))")
+                                              "[0, t1))", ge=0, lt=1)
     antithetic: bool = doc(True, "stratify u over the batch: u_i = (r_i + i)/B (MDLM/MD4 low-discrepancy t)")
     T: Optional[int] = doc(None, "time steps of the discrete-time NELBO; 0 = continuous time; null = the objective's "
-                                 "own (d3pm 1000, others 0)")
+                                 "own (d3pm 1000, others 0)", ge=0)
     time_conditioning: Optional[bool] = doc(None, "feed time to the network (σ(t) for mdlm/d3pm/sedd, t for md4/"
                                                   "genmd4); null = the objective's own (mdlm off, others on)")
     importance_sampling: bool = doc(False, "mdlm, loglinear/linear_sigma only: log-uniform masking rate in u with "
                                            "the constant weight of the change of variables")
     subs_masking: bool = doc(False, "d3pm only: suppress the mask logit (zero masking probability)")
-    genmd4_power_init: float = doc(1.0, "genmd4: initial value of every per-token power w_v (1 = linear schedule)")
+    genmd4_power_init: float = doc(1.0, "genmd4: initial value of every per-token power w_v (1 = linear schedule)", gt=0)
     shift: bool = doc(False, "mdlm/md4: shifted parameterisation (Dream, DiffuLLaMA): the network's output at position "
                              "i predicts token i+1, so an AR model's head is reused; position 0 is context (never "
                              "masked, not counted) and sampling needs it given (a prefix or BOS)")
@@ -157,25 +157,25 @@ class SampleConfig:
     sampler: str = doc("auto", "auto (ddpm_cache, or ar for the ar objective), ddpm (exact absorbing posterior), "
                                "ddpm_cache (re-run the network only for sequences that changed), ancestral (MD4, "
                                "cosine grid), analytic (SEDD tau-leaping), ar", choices=SAMPLER_NAMES)
-    steps: int = doc(1000, "number of reverse steps T (ignored by ar)")
-    num_samples: int = doc(8, "how many sequences to generate")
-    batch_size: int = doc(8, "sequences generated at once")
-    seed: int = doc(0, "generator seed")
-    top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with probability >= top_p (1 = off)")
+    steps: int = doc(1000, "number of reverse steps T (ignored by ar)", ge=1)
+    num_samples: int = doc(8, "how many sequences to generate", ge=1)
+    batch_size: int = doc(8, "sequences generated at once", ge=1)
+    seed: int = doc(0, "generator seed", ge=0)
+    top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with probability >= top_p (1 = off)", gt=0, le=1)
     noise_removal: str = doc("auto", "fill masks left at the end: greedy (argmax), ancestral (sample), none; auto = "
                                      "the sampler's own (analytic: ancestral, others: greedy)",
                              choices=("auto", "greedy", "ancestral", "none"))
     grid: str = doc("auto", "time grid: uniform or cosine (MD4's t = cos(π/2·(1−u))); auto = cosine for ancestral, "
                             "uniform otherwise", choices=("auto", "uniform", "cosine"))
-    t_min: Optional[float] = doc(None, "last time of the grid; null = 1e-5 (MDLM), 0 for ancestral (MD4)")
-    stride_length: int = doc(0, "semi-autoregressive: new tokens per extra window (0 = off)")
+    t_min: Optional[float] = doc(None, "last time of the grid; null = 1e-5 (MDLM), 0 for ancestral (MD4)", ge=0, lt=1)
+    stride_length: int = doc(0, "semi-autoregressive: new tokens per extra window (0 = off)", ge=0)
     num_strides: int = doc(0, "semi-autoregressive: extra windows; output length = model length + "
-                              "num_strides·stride_length")
+                              "num_strides·stride_length", ge=0)
     prefix: str = doc("", "text every sample starts with (encoded by `mdtrain sample`; given tokens never change)")
     stop_at_eos: bool = doc(False, "bd3lm: end each sample at its first generated EOS (variable length; the "
                                    "output length num_strides·stride_length past the model length is the cap)")
     out: str = doc("", "`mdtrain sample`: output JSONL of texts and ids; empty = next to the checkpoint")
-    show: int = doc(4, "`mdtrain sample`: print the first N samples")
+    show: int = doc(4, "`mdtrain sample`: print the first N samples", ge=0)
 
     def validate(self):
         if self.steps < 1:

@@ -1,7 +1,7 @@
 """State of a tensor-parallel model outside its forward: gradient norms, full (single-device) state dicts, and
 checkpoints written per TP rank that load at the same layout, at another TP size, or into one plain process.
 
-Megatron-free (torch.distributed and DCP only), so the engines and ``mdtrain export`` use it without importing
+Megatron-free (torch.distributed and DCP only, read through ``engines.safe_io``), so the engines and ``mdtrain export`` use it without importing
 Megatron. A model's cuts come from ``tensor_parallel_layout.ModelLayout``.
 
 DCP checkpoint keys under TP: a tensor that differs between TP ranks (the split part of a weight, its AdamW
@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Mapping
 import torch
 import torch.distributed as dist
 
+from mdtrain.parallel.engines.safe_io import dcp_load, dcp_metadata
 from mdtrain.parallel.tensor_parallel_layout import ModelLayout
 
 Tensors = Dict[str, torch.Tensor]
@@ -57,15 +58,13 @@ def engine_checkpoint_state(module: torch.nn.Module, state: dict) -> dict:
 def engine_load(module: torch.nn.Module, state: dict, path: str, old_tp: int, **dcp_kwargs) -> dict:
     """Fill the engine's DCP dict (``state``: this process's names and shapes) from the checkpoint at ``path``
     (its ``dcp/`` folder) written by ``old_tp`` TP ranks; returns the filled dict (EMA shadows in place)."""
-    import torch.distributed.checkpoint as dcp
-
     info = tp_of(module)
     new_tp, rank = (info.size, info.rank) if info is not None else (1, 0)
     if old_tp == new_tp:
         view = engine_checkpoint_state(module, state)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-            dcp.load(view, checkpoint_id=path, **dcp_kwargs)
+            dcp_load(view, path, **dcp_kwargs)
         return restore_from_checkpoint(view) if info is not None else view
     out = load_resharded(path, layout_of(module), old_tp, rank, new_tp, state, **dcp_kwargs)
     if "ema" in out:  # the engine's EMA shadows are live tensors: fill them in place
@@ -232,8 +231,6 @@ def load_resharded(path: str, layout: ModelLayout, old_tp: int, rank: int, tp: i
     gives structure, dtypes and devices. Returns a dict of that structure holding the checkpoint's values; the
     optimizer's ``param_groups`` stay this process's (hyperparameters come from the config, and parameter names
     differ between layouts). Every rank reads the whole model: the one-off cost of changing the layout."""
-    import torch.distributed.checkpoint as dcp
-
     families = {key: current[key] for key in ("model", "ema") if key in current}
     if "optim" in current:  # AdamW's per-parameter {"step", "exp_avg", "exp_avg_sq"}: one family per state key
         states = current["optim"]["state"]
@@ -249,7 +246,7 @@ def load_resharded(path: str, layout: ModelLayout, old_tp: int, rank: int, tp: i
                     request["optim"]["state"].setdefault(ck, {})[key[1]] = t
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.load(request, checkpoint_id=path, **dcp_kwargs)
+        dcp_load(request, path, **dcp_kwargs)
     out = dict(current)
     optim_state: Dict[str, dict] = {}
     for key, like in families.items():
@@ -276,8 +273,7 @@ def load_consolidated(path: str, model_state: Mapping[str, torch.Tensor], ema: b
     layout = ModelLayout.from_shapes({k: v.shape for k, v in model_state.items()})
     current = {"model": {k: v.detach() for k, v in model_state.items()}}
     if ema and has_ema:
-        import torch.distributed.checkpoint as dcp
-        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        stored = dcp_metadata(path).state_dict_metadata
         split = layout.split_set(tp_size)
         current["ema"] = {k: v.detach().float() for k, v in model_state.items()
                           if any(f"ema.{ckpt_key(n, 0, split)}" in stored for n in layout.pieces(k, tp_size))}

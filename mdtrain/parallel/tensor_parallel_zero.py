@@ -17,14 +17,16 @@ from typing import Dict, List, Mapping
 
 import torch
 
+from mdtrain.parallel.engines.safe_io import deepspeed_globals, torch_file
 from mdtrain.parallel.tensor_parallel_layout import ModelLayout
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 def _load(path: str):
-    # written by DeepSpeed's converter moments ago, in this job (verify_pickles checked the inputs)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A file of DeepSpeed's universal format (written by its converter in this job from scanned inputs), read
+    weights-only all the same: nothing loaded can run code."""
+    return torch_file(path, deepspeed_globals())
 
 
 def _old_pieces(zero_dir: str, layout: ModelLayout, full: str, old_tp: int,
@@ -89,7 +91,7 @@ def ema_full(path: str, layout: ModelLayout, old_tp: int, old_world: int) -> Dic
     flat: List[Dict[str, torch.Tensor]] = [dict() for _ in range(old_tp)]
     for g in range(old_world):
         f = os.path.join(path, "ema", f"rank_{g:05d}.pt")
-        for name, rec in torch.load(f, map_location="cpu", weights_only=True).items():
+        for name, rec in torch_file(f).items():
             shape = shapes[name]
             buf = flat[g % old_tp].setdefault(name, torch.zeros(torch.Size(shape).numel()))
             buf[rec["start"]:rec["start"] + rec["data"].numel()] = rec["data"].float()

@@ -40,8 +40,8 @@ class FitOptions:
     isoflop_uncertainty: str = doc("delta", "interval of each IsoFLOP minimum: delta (quadratic's covariance) or "
                                    "bootstrap (over the runs of the budget)", choices=("delta", "bootstrap"))
     parametric: bool = doc(True, "fit L(N, D) = E + A/N^α + B/D^β per objective (Chinchilla approach 3)")
-    n_boot: int = doc(200, "bootstrap resamples of the parametric fit (and of bootstrapped IsoFLOP fits)")
-    seed: int = doc(0, "seed of the bootstrap resampling")
+    n_boot: int = doc(200, "bootstrap resamples of the parametric fit (and of bootstrapped IsoFLOP fits)", ge=0)
+    seed: int = doc(0, "seed of the bootstrap resampling", ge=0)
 
     def validate(self):
         if self.n_boot < 0:
@@ -54,7 +54,7 @@ class SweepConfig:
     objectives: list[str] = doc(["mdlm", "ar"], "objectives to compare (objective.name); ar trains model.name=causal, "
                                 "the others sweep.backbone")
     backbone: str = doc("dit", "backbone of the non-AR objectives", choices=("dit", "dimamba"))
-    budgets: list[float] = doc([], "compute budgets C in training FLOPs (log-spaced, e.g. [1e18, 3e18, 1e19])")
+    budgets: list[float] = doc([], "compute budgets C in training FLOPs (log-spaced, e.g. [1e18, 3e18, 1e19])", gt=0)
     sizes: list[str] = doc([], "model sizes: flavor names (ladder-17M, ...) or LAYERSxWIDTHxHEADS shapes (2x64x4) "
                            "applied over the base config's flavor (which then only supplies cond_dim)")
     sizes_by_objective: dict[str, list[str]] = doc({}, "per-objective size lists that replace sweep.sizes for "
@@ -64,9 +64,9 @@ class SweepConfig:
                      "(3x every matmul, causal attention halved), rule (6N + 12·layers·width·seq), 6n (6 x "
                      "non-embedding parameters, SMDM's C = 6ND); all three are recorded in each row",
                      choices=("exact", "rule", "6n"))
-    min_steps: int = doc(20, "cells whose budget buys fewer optimizer steps are left out of the plan (listed)")
+    min_steps: int = doc(20, "cells whose budget buys fewer optimizer steps are left out of the plan (listed)", ge=1)
     warmup_fraction: float = doc(0.01, "each cell warms up for this fraction of its steps (SMDM: 1%); negative "
-                                 "keeps the base's optim.warmup_steps for every cell")
+                                 "keeps the base's optim.warmup_steps for every cell", lt=1)
     overrides: dict[str, list[str]] = doc({}, "extra key=value overrides per objective, e.g. {md4: "
                                           "[model.variant=md4]}; data.*, eval.* and the batch are shared by "
                                           "every cell and refused here")
@@ -74,9 +74,9 @@ class SweepConfig:
                         "(`python -m mdtrain train`, sweep.parallel at once), local (submitit LocalExecutor through "
                         "mdtrain/launch/slurm.py, sweep.parallel at once), slurm (one job array through mdtrain/launch/slurm.py)",
                         choices=EXECUTORS)
-    parallel: int = doc(1, "subprocess / local: cells running at once")
+    parallel: int = doc(1, "subprocess / local: cells running at once", ge=1)
     threads: int = doc(0, "inprocess / subprocess: torch threads per cell (tiny CPU models run best with 1); "
-                       "0 = torch's default. local / slurm use sweep.launch.cpus_per_task")
+                       "0 = torch's default. local / slurm use sweep.launch.cpus_per_task", ge=0)
     wait: bool = doc(True, "slurm: wait for the job array, then collect and fit; false returns after submitting "
                      "(run the `collect` action later)")
     launch: LaunchConfig = section(LaunchConfig, "local / slurm resources of each cell's job (mdtrain/launch/config.py); "

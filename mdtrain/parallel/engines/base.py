@@ -15,6 +15,9 @@ the last one runs outside it and triggers the gradient synchronisation::
 Checkpoint directory written by ``save_checkpoint(path, client_state)`` (``path`` exists; every rank writes):
     engine.json                      engine, world/dp size, whether EMA is inside (rank 0)
     client/rank_XXXXX.pt             each rank's client_state (torch.save; read back with weights_only=True)
+
+Loading never executes anything a file contains (``safe_io``): rank 0 scans every pickle of the checkpoint first
+and every rank refuses what the scan refuses.
     dcp/                             ddp/fsdp: torch.distributed.checkpoint of {"model", "optim", "ema"}
     deepspeed/ + ema/rank_XXXXX.pt   deepspeed: DeepSpeed's own ZeRO checkpoint, plus the EMA fragments
 """
@@ -30,8 +33,10 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 from torch import nn
 
+from mdtrain.faults import CheckpointError
 from mdtrain.parallel.dist import DistContext
 from mdtrain.parallel.ema import ShardedEMA
+from mdtrain.parallel.engines.safe_io import scan_checkpoint, torch_file
 
 ENGINE_META = "engine.json"
 
@@ -41,8 +46,34 @@ def rank_file(path: str, sub: str, rank: int) -> str:
 
 
 def safe_load(path: str) -> Any:
-    """torch.load that never unpickles code (tensors, numbers, strings, containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """torch.load that never unpickles code (tensors, numbers, strings, containers only); refusals name the file."""
+    return torch_file(path)
+
+
+def main_then_all(ctx: DistContext, fn) -> Any:
+    """``fn()`` on rank 0, its result on every rank; a user-facing error it raises (a refused checkpoint, an
+    unusable run dir, a config or data error) is raised on every rank, which would otherwise wait for rank 0."""
+    from mdtrain.configtools import ConfigError
+    from mdtrain.data.errors import DataError
+    from mdtrain.faults import RunDirError
+
+    kinds = {c.__name__: c for c in (CheckpointError, RunDirError, ConfigError, DataError, FileNotFoundError)}
+    failure, result = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except tuple(kinds.values()) as e:
+            failure = (type(e).__name__ if type(e).__name__ in kinds else "CheckpointError", str(e))
+            if not ctx.distributed:
+                raise
+    if ctx.distributed:
+        import torch.distributed as dist
+        box = [(failure, result)]
+        dist.broadcast_object_list(box, src=0)  # from this job's own rank 0, not from disk
+        failure, result = box[0]
+    if failure:
+        raise kinds[failure[0]](failure[1])
+    return result
 
 
 class Engine(abc.ABC):
@@ -121,9 +152,11 @@ class Engine(abc.ABC):
         Every rank calls it. With ``async_save`` (ddp/fsdp) the DCP write continues in the background: call
         ``wait_checkpoint()`` before treating ``path`` as complete (the next save and close() wait too)."""
         self.wait_checkpoint()
+        # the collective write first: a rank whose own file fails afterwards (full disk) cannot leave the others
+        # waiting inside it
+        self._save_state(path, async_save)
         os.makedirs(os.path.join(path, "client"), exist_ok=True)
         torch.save(client_state, rank_file(path, "client", self.ctx.rank))
-        self._save_state(path, async_save)
         if self.ctx.is_main:
             meta = {"engine": self.name, "world_size": self.ctx.world_size, "dp_size": self.ctx.dp_size,
                     "tp_size": self.ctx.tp_size, "ema": self.has_ema, **self._meta()}
@@ -140,6 +173,7 @@ class Engine(abc.ABC):
         Call ``ema_init()`` first to restore the EMA (an engine without one ignores a saved EMA). At a different
         world size the state is resharded and rank 0's client_state is returned to every rank."""
         self.wait_checkpoint()
+        main_then_all(self.ctx, lambda: scan_checkpoint(path))  # nothing below meets a pickle that runs code
         meta = read_meta(path)
         if meta["engine"] != self.name:
             raise RuntimeError(f"checkpoint {path} was written by the '{meta['engine']}' engine; this run uses "
@@ -184,8 +218,13 @@ def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, ENGINE_META)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{path} is not an engine checkpoint: {ENGINE_META} is missing")
-    with open(meta_path) as fh:
-        return json.load(fh)
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        str(meta["engine"]), int(meta["world_size"]), bool(meta["ema"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: not an engine description ({type(e).__name__}: {e})") from None
+    return meta
 
 
 def fp32_cpu(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from torch import nn
 import mdtrain.parallel.tensor_parallel_state as tp_state
 from mdtrain.parallel.dist import DistContext, ensure_process_group
 from mdtrain.parallel.engines.base import Engine, rank_file, clip_and_norm, fp32_cpu, read_meta, safe_load
+from mdtrain.parallel.engines.safe_io import deepspeed_globals as allowed_globals, torch_file
 from mdtrain.parallel.engines.torch_native import broadcast_module
 
 log = logging.getLogger(__name__)
@@ -113,27 +114,12 @@ def _forced_overflow(opt):
         opt.__dict__.update(saved)
 
 
-# globals that DeepSpeed's checkpoint pickles legitimately reference; anything else is refused before loading
-def _allowed_globals():
-    import argparse
-    import collections
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [collections.OrderedDict, argparse.Namespace, LossScaler, DynamicLossScaler, ZeroStageEnum,
-            fragment_address]
-
-
 def verify_pickles(folder: str) -> None:
     """DeepSpeed loads its files with ``weights_only=False``; first prove each one references only known-safe
-    globals (a weights-only load under an allowlist), so no arbitrary code can run."""
-    allowed = _allowed_globals()
+    globals (a weights-only load under an allowlist, pickles only: ``mmap``), so no arbitrary code can run."""
+    allowed = allowed_globals()
     for f in sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)):
-        with torch.serialization.safe_globals(allowed):
-            try:
-                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001 - any refusal means: do not unpickle this file
-                raise RuntimeError(f"refusing to load {f}: it is not a plain DeepSpeed checkpoint file ({e})") from e
+        torch_file(f, allowed, mmap=True)
 
 
 class DeepSpeedEngine(Engine):
@@ -190,7 +176,11 @@ class DeepSpeedEngine(Engine):
         self.optimizer.clip_grad = max_norm
         with _forced_overflow(self.optimizer) if skip else contextlib.nullcontext():
             self.ds.step()
-        return float("nan") if skip else float(self.ds.get_global_grad_norm())
+        if skip:
+            return float("nan")
+        if getattr(self.optimizer, "overflow", False):  # non-finite gradients: DeepSpeed dropped the step
+            return float("inf")
+        return float(self.ds.get_global_grad_norm())
 
     def close(self) -> None:
         super().close()
@@ -279,10 +269,7 @@ class DeepSpeedEngine(Engine):
         if meta.get("zero_stage") != self.stage:
             raise RuntimeError(f"checkpoint {path} holds ZeRO stage {meta.get('zero_stage')}; this run uses stage "
                                f"{self.stage} (parallel.zero_stage)")
-        folder = os.path.join(path, "deepspeed")
-        if self.ctx.is_main:
-            verify_pickles(folder)
-        self.ctx.barrier()
+        folder = os.path.join(path, "deepspeed")  # its pickles were scanned by load_checkpoint (safe_io)
         if meta["world_size"] == self.ctx.world_size and meta.get("tp_size", 1) == self.ctx.tp_size:
             self.ds.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
@@ -328,8 +315,7 @@ class DeepSpeedEngine(Engine):
         """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load: every param group gets the first group's
         hyperparameters (no-decay groups would decay), and all groups share ONE AdamW ``step`` tensor (each
         group's step then bumps it, so later groups use a wrong bias correction)."""
-        with torch.serialization.safe_globals(_allowed_globals()):
-            saved = torch.load(optimizer_state_file, map_location="cpu", weights_only=True)
+        saved = torch_file(optimizer_state_file, allowed_globals())
         saved_groups = saved["optimizer_state_dict"]["param_groups"]
         if len(saved_groups) != len(self.optimizer.param_groups):
             raise RuntimeError(f"{optimizer_state_file}: {len(saved_groups)} param groups saved, the optimizer has "
@@ -389,9 +375,7 @@ def consolidated_state_dict(path: str, model_state: Dict[str, torch.Tensor], ema
         from mdtrain.parallel.tensor_parallel_zero import consolidated
         return consolidated(path, model_state, ema, meta, _to_universal)
     if meta["zero_stage"] == 0:  # zero_to_fp32 does not read stage 0: the module is saved whole
-        with torch.serialization.safe_globals(_allowed_globals()):
-            saved = torch.load(os.path.join(folder, TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
-                               weights_only=True)["module"]
+        saved = torch_file(os.path.join(folder, TAG, "mp_rank_00_model_states.pt"), allowed_globals())["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with contextlib.redirect_stdout(_LogWriter()):
