@@ -31,6 +31,7 @@ from typing import Callable, Optional, Protocol
 from mdtrain.configtools import atomic_write_text
 from mdtrain.faults import CheckpointError, RunDirError
 from mdtrain.parallel.engines.base import main_then_all
+from mdtrain.parallel.engines.safe_io import dcp_exception, scan_checkpoint
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -224,8 +225,9 @@ def disk_full(e: BaseException) -> Optional[OSError]:
         seen.add(id(x))
         if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
             return x
-        for f in (getattr(x, "failures", None) or {}).values():  # torch.distributed.checkpoint's CheckpointException
-            stack.append(getattr(f, "exc", f) if isinstance(getattr(f, "exc", f), BaseException) else None)
+        for f in (getattr(x, "failures", None) or {}).values():  # DCP's CheckpointException: rank -> (exc, trace)
+            inner = f[0] if isinstance(f, tuple) and f else getattr(f, "exc", f)
+            stack.append(inner if isinstance(inner, BaseException) else None)
         stack.extend([x.__cause__, x.__context__])
     return None
 
@@ -328,6 +330,8 @@ class CheckpointManager:
         for path in candidates:
             why = self._hash_check(path) if self.checksums else None
             if why is None:
+                # a file that would run code stops the run (not a fall-back: someone crafted it), before any work
+                main_then_all(self.ctx, lambda: scan_checkpoint(path))
                 return path
             rejected.append((path, why))
             if self.ctx.is_main:
@@ -419,7 +423,7 @@ class CheckpointManager:
         if self.ctx.is_main or not main_only:
             try:
                 result = fn()
-            except Exception as e:  # noqa: BLE001 - DCP wraps the write errors of every rank in its own type
+            except (Exception, dcp_exception()) as e:  # noqa: BLE001 - DCP wraps every rank's write error
                 if isinstance(e, OSError) or disk_full(e) is not None:
                     failure = ("disk", _save_failure(e, tmp, final, self.root))
                 else:

@@ -2,8 +2,9 @@
 eval mode, objective, tokenizer, config) in one plain process, whatever engine, world size or TP size wrote it.
 
 ``mdtrain eval``, ``mdtrain sample``, ``mdtrain export``, ``checkpoint.load_from`` and the generative-perplexity
-scorer all load through :func:`load_for_inference`. Loading reads JSON, YAML, safetensors and torch's DCP format
-only; nothing it reads can execute code.
+scorer all load through :func:`load_for_inference`. Loading reads JSON, YAML (``safe_load``), safetensors, and
+checkpoints through ``parallel.engines.safe_io`` (every pickle scanned, then read weights-only): nothing it reads can
+execute code.
 """
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ def load_for_inference(path: str, use_ema: Optional[bool] = None, overrides: Opt
         for k, v in parse_overrides(overrides or []):
             set_dotted(bundle.cfg, k, v)
         return bundle
-    ckpt = resolve_checkpoint(path)
+    pairs = parse_overrides(overrides or [])
+    # checkpoint.verify=sha256 on the command line hashes every file first (default: sizes and the manifest)
+    ckpt = resolve_checkpoint(path, checksums=("checkpoint.verify", "sha256") in pairs)
     with open(os.path.join(ckpt, "config.yaml")) as fh:
         cfg = config_from_dict(yaml.safe_load(fh))
-    for k, v in parse_overrides(overrides or []):
+    for k, v in pairs:
         set_dotted(cfg, k, v)
     if use_ema is None:
         use_ema = cfg.train.use_ema_for_eval

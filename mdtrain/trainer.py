@@ -315,10 +315,13 @@ class Trainer:
             noise = self._noise(prog.step, micro, x0.shape[0], x0.shape[1])
             rng.seed_dropout(cfg.train.seed, prog.step, ctx.rank, micro)
             last = micro == self.accum - 1
+            # decided on the host copy of the mask: the model skips masking when nothing is padded, and asking the
+            # device copy would wait for the device
+            model_mask = None if bool(batch["attention_mask"].all()) else attn
             with self.engine.no_sync() if not last else contextlib.nullcontext():
                 extra = label_kwargs(cfg.model.num_classes, batch, self.device)
                 with self._autocast():
-                    loss, m = self.objective.loss(make_model_fn(self.engine.model, attn, **extra), x0, attn,
+                    loss, m = self.objective.loss(make_model_fn(self.engine.model, model_mask, **extra), x0, attn,
                                                   noise=noise)
                 share = loss.float() * (m["tokens"].to(global_tok.device) / global_tok).float()
                 # x * 1.0 keeps every bit; NaN reaches every gradient (NaN * 0 is NaN), so the reduced gradient norm

@@ -269,7 +269,8 @@ def test_readme_torchrun_command_trains_on_two_cpu_processes(tmp_path):
     run_dir = str(tmp_path / "run")
     p = run_readme_command("torchrun", run_dir)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    assert "+ torchrun --standalone --nnodes 1 --nproc-per-node 2 -m mdtrain train configs/quickstart.yaml" in p.stderr
+    assert ("+ python -m mdtrain.launch.torchrun --standalone --nnodes 1 --nproc-per-node 2 -m mdtrain train "
+            "configs/quickstart.yaml") in p.stderr
     assert "with 2 rank(s) [ddp]" in p.stdout
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000010"))
 

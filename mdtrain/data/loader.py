@@ -41,7 +41,7 @@ import torch
 from mdtrain.data.config import DataConfig
 from mdtrain.data.errors import DataError
 from mdtrain.data.shard_index import SampleReader
-from mdtrain.data.shards import read_manifest, verify_shards
+from mdtrain.data.shards import check_token_ids, read_manifest, verify_shards
 from mdtrain.data.tokenizers import Tokenizer, load_tokenizer
 
 STATE_VERSION = 1
@@ -52,8 +52,8 @@ class ShardSource:
     """Samples of one split of a prepared directory, addressed by stream position (see the module doc)."""
 
     def __init__(self, root: str, manifest: dict, split: str, shuffle: bool, window: int, key: tuple,
-                 on_corrupt: str = "error"):
-        self.root, self.split, self.on_corrupt = root, split, on_corrupt
+                 on_corrupt: str = "error", vocab_size: Optional[int] = None):
+        self.root, self.split, self.on_corrupt, self.vocab_size = root, split, on_corrupt, vocab_size
         info = manifest["splits"][split]
         self.counts = np.array([sh["samples"] for sh in info["shards"]], dtype=np.int64)
         self.num_samples = int(self.counts.sum())
@@ -122,7 +122,12 @@ class ShardSource:
 
     def rows(self, positions: np.ndarray):
         """Samples at stream ``positions`` -> (ids[n, L] int64, ok[n] bool)."""
-        return self.reader.read(*self.locate(positions))
+        shard, sample = self.locate(positions)
+        ids, ok = self.reader.read(shard, sample)
+        if self.vocab_size is not None:  # ids are range-checked as they are decoded (shards.check_token_ids)
+            check_token_ids(ids, ok, self.vocab_size, self.on_corrupt,
+                            lambda i: f"{self.reader.paths[shard[i]]}: sample {int(sample[i])}")
+        return ids, ok
 
     def labels_at(self, positions: np.ndarray) -> np.ndarray:
         """Class labels (int64) of the samples at stream ``positions`` (the same mapping as :meth:`rows`)."""
@@ -361,7 +366,7 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, dp_rank: int, dp_
             raise DataError(f"{spec}: tokenizer has vocab size {tokenizer.vocab_size}, the manifest says "
                             f"{manifest['vocab_size']}")
         source = ShardSource(spec, manifest, split, shuffle=(split == "train"), window=cfg.shuffle_window,
-                             key=key, on_corrupt=cfg.on_corrupt)
+                             key=key, on_corrupt=cfg.on_corrupt, vocab_size=tokenizer.vocab_size)
     if source.num_samples == 0:
         hint = (" (prepare it with --val-fraction > 0, or --val-fraction 1 for an evaluation-only corpus, or set "
                 "data.valid)" if split == "valid" else "")

@@ -157,6 +157,10 @@ def read_manifest(root: str) -> dict:
                         f"{FORMAT_VERSION}); re-run mdtrain prepare")
     try:
         int(m["seq_len"]), str(m["tokenizer"]), str(m["dtype"])
+        tok = m["tokenizer"]
+        if os.path.isabs(tok) or os.path.normpath(tok).split(os.sep)[0] in ("..", ""):
+            raise DataError(f"{path}: tokenizer {tok!r} is not a directory inside {root}; a prepared dataset holds "
+                            "its own tokenizer (re-run mdtrain prepare)")
         for split in SPLITS:
             s = m["splits"][split]
             total = 0
@@ -206,6 +210,22 @@ def verify_shards(root: str, manifest: dict, split: str, mode: str) -> None:
                                 f"{what}); re-run mdtrain prepare, or set data.verify=none to read it anyway")
             if mode == "sha256" and file_sha256(path) != entry["sha256"]:
                 raise DataError(f"{path}: sha256 differs from the manifest's (the {what} was modified or is corrupt)")
+
+
+def check_token_ids(ids: np.ndarray, ok: np.ndarray, vocab_size: int, on_corrupt: str, where) -> None:
+    """Decoded samples (rows of ``ids``) holding an id outside ``[0, vocab_size)`` (one flipped byte gives 65377 in
+    a 50k vocabulary): a DataError naming ``where(row)`` (shard and sample), or with ``on_corrupt="skip"`` their
+    ``ok`` is cleared in place so the loader masks and counts them. One vectorised pass over the rows."""
+    bad = ok & ((ids >= vocab_size) | (ids < 0)).any(axis=1)
+    if not bad.any():
+        return
+    if on_corrupt == "error":
+        row = int(np.flatnonzero(bad)[0])
+        top = int(ids[row].max()) if int(ids[row].max()) >= vocab_size else int(ids[row].min())
+        raise DataError(f"{where(row)} holds token id {top}, outside the tokenizer's vocabulary [0, {vocab_size}) "
+                        "(a damaged shard?); re-run mdtrain prepare or restore the file (data.on_corrupt=skip masks "
+                        "bad samples instead)")
+    ok &= ~bad
 
 
 def read_shard(path: str, expect: int, seq_len: int, dtype: np.dtype, on_corrupt: str = "error"):

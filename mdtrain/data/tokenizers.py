@@ -387,7 +387,11 @@ def load_tokenizer(directory: str) -> Tokenizer:
     elif kind == "alphabet":
         tok = AlphabetTokenizer(meta["alphabet"], specials, spec)
     elif kind == "sentencepiece":
-        with open(os.path.join(directory, meta["model_file"]), "rb") as fh:
+        name = meta.get("model_file")
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+            raise DataError(f"{path}: model_file {name!r} is not a file of {directory} (a saved tokenizer holds its "
+                            "own files; this one points elsewhere)")
+        with open(os.path.join(directory, name), "rb") as fh:
             tok = SentencePieceTokenizer(fh.read(), specials, spec)
     elif kind == "hf":
         tok = HFTokenizer(directory, specials, spec)

@@ -176,7 +176,7 @@ class Engine(abc.ABC):
         main_then_all(self.ctx, lambda: scan_checkpoint(path))  # nothing below meets a pickle that runs code
         meta = read_meta(path)
         if meta["engine"] != self.name:
-            raise RuntimeError(f"checkpoint {path} was written by the '{meta['engine']}' engine; this run uses "
+            raise CheckpointError(f"checkpoint {path} was written by the '{meta['engine']}' engine; this run uses "
                                f"'{self.name}' (export it and load the weights with checkpoint.load_from instead)")
         meta["ema"] = meta["ema"] and self._ema is not None  # an EMA is only loaded into an engine that keeps one
         self._load_state(path, meta)
@@ -240,10 +240,10 @@ def clip_and_norm(params, max_norm: float) -> float:
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     if hasattr(norm, "full_tensor"):  # DTensor (FSDP / TP): reduce the partial norms
         norm = norm.full_tensor()
-    value = float(norm)
+    value = float(norm)  # the step's one host read: whether to step at all is decided on the host
     if max_norm > 0 and math.isfinite(value):
+        # multiplied on the device, unconditionally: a coefficient clamped to 1.0 leaves every bit as it was
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        if float(coef) < 1.0:
-            torch._foreach_mul_(grads, float(coef))
+        torch._foreach_mul_(grads, coef)
     return value
 

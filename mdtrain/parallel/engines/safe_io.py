@@ -286,7 +286,36 @@ def dcp_load(state: dict, dcp_dir: str, **kwargs) -> None:
     if not _CLASSES:
         _CLASSES.extend(_make_reader_classes())
     reader_cls, planner_cls = _CLASSES
-    dcp.load(state, storage_reader=reader_cls(dcp_dir), planner=planner_cls(), **kwargs)
+    try:
+        dcp.load(state, storage_reader=reader_cls(dcp_dir), planner=planner_cls(), **kwargs)
+    except CheckpointError:
+        raise
+    except (Exception, dcp_exception()) as e:  # DCP wraps every rank's read error (a BaseException): surface ours
+        inner = _inner_refusal(e)
+        if inner is None:
+            raise
+        raise CheckpointError(str(inner)) from None
+
+
+def dcp_exception() -> type:
+    from torch.distributed.checkpoint.api import CheckpointException
+    return CheckpointException
+
+
+def _inner_refusal(e: BaseException):
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, CheckpointError):
+            return x
+        for f in (getattr(x, "failures", None) or {}).values():  # rank -> (exception, traceback)
+            inner = f[0] if isinstance(f, tuple) and f else getattr(f, "exc", f)
+            stack.append(inner if isinstance(inner, BaseException) else None)
+        stack.extend([x.__cause__, x.__context__])
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------------

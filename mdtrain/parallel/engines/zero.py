@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import mdtrain.parallel.tensor_parallel_state as tp_state
+from mdtrain.faults import CheckpointError
 from mdtrain.parallel.dist import DistContext, ensure_process_group
 from mdtrain.parallel.engines.base import Engine, rank_file, clip_and_norm, fp32_cpu, read_meta, safe_load
 from mdtrain.parallel.engines.safe_io import deepspeed_globals as allowed_globals, torch_file
@@ -267,7 +268,7 @@ class DeepSpeedEngine(Engine):
 
     def _load_state(self, path: str, meta: dict) -> None:
         if meta.get("zero_stage") != self.stage:
-            raise RuntimeError(f"checkpoint {path} holds ZeRO stage {meta.get('zero_stage')}; this run uses stage "
+            raise CheckpointError(f"checkpoint {path} holds ZeRO stage {meta.get('zero_stage')}; this run uses stage "
                                f"{self.stage} (parallel.zero_stage)")
         folder = os.path.join(path, "deepspeed")  # its pickles were scanned by load_checkpoint (safe_io)
         if meta["world_size"] == self.ctx.world_size and meta.get("tp_size", 1) == self.ctx.tp_size:
