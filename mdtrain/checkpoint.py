@@ -137,14 +137,14 @@ def read_manifest(path: str) -> tuple[Optional[dict], Optional[str]]:
                 or not isinstance(meta.get("sha256"), str) or not _SHA_RE.match(meta["sha256"]):
             return None, f"manifest.json entry {rel!r} is malformed ({meta!r})"
         full = os.path.join(path, rel)
-        if not os.path.realpath(full).startswith(root + os.sep):
-            return None, f"manifest.json lists {rel!r}, which leads outside the checkpoint"
         try:
             fst = os.lstat(full)
         except OSError:
             return None, f"missing file {rel}"
         if not stat.S_ISREG(fst.st_mode):
             return None, f"{rel} is not a regular file (a symlink, device or directory)"
+        if not os.path.realpath(full).startswith(root + os.sep):  # a symlinked directory on the way
+            return None, f"manifest.json lists {rel!r}, which leads outside the checkpoint"
         if fst.st_size != meta["size"]:
             return None, f"file {rel} has {fst.st_size} bytes, manifest says {meta['size']} (truncated?)"
     for need in REQUIRED:
