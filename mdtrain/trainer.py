@@ -338,11 +338,6 @@ class Trainer:
         else:  # the engine dropped the update (a NaN/inf loss on some rank, or an overflowing gradient)
             prog.nonfinite_in_a_row += 1
             prog.skipped_total += 1
-            if prog.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{prog.nonfinite_in_a_row} non-finite losses in a row at step {prog.step + 1} (a step whose loss "
-                    f"or gradient norm is NaN/inf is skipped): stopping. Lower optim.lr, check the data, or raise "
-                    f"train.max_nonfinite_steps")
         prog.step += 1
         self._tokens += global_tok.to(torch.int64)
         out = {"loss": None, "grad_norm": grad_norm, "finite": finite}
@@ -391,6 +386,11 @@ class Trainer:
                                         "memory_gib": memory_gib(self.device), "skipped": prog.skipped_total,
                                         "skipped_samples": getattr(self.loader, "skipped_samples", 0)})
                 window_tokens, window_s = prog.tokens, 0.0
+            if prog.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:  # after its row is logged
+                raise FloatingPointError(
+                    f"{prog.nonfinite_in_a_row} non-finite losses in a row at step {prog.step} (a step whose loss or "
+                    f"gradient norm is NaN/inf is skipped): stopping. Lower optim.lr, check the data, or raise "
+                    f"train.max_nonfinite_steps")
             if cfg.eval.every and prog.step % cfg.eval.every == 0 and prog.step < cfg.train.steps:
                 self.evaluate()
             if cfg.checkpoint.every and prog.step % cfg.checkpoint.every == 0 and prog.step < cfg.train.steps:
