@@ -159,6 +159,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.ctx = init_distributed(cfg.parallel.backend, cfg.parallel.tp, device=cfg.train.device)
         self.device = self.ctx.device
+        self.dp_group = self.ctx.dp_group  # slicing the mesh anew on every step costs host work
         self.accum = grad_accumulation(cfg, self.ctx.dp_size)
         self.precision = compute_precision(cfg, self.device)
         self.run_dir = cfg.train.run_dir
@@ -306,7 +307,7 @@ class Trainer:
                    b["attention_mask"].to(self.device, non_blocking=True), b) for b in batches]
         local_tok = torch.stack([valid_tokens(self.objective, attn) for _, attn, _ in inputs]).sum()
         # over data-parallel ranks only: the tensor-parallel ranks of a DP rank hold copies of the same batch
-        global_tok = ctx.all_reduce_sum(local_tok.to(torch.float64).reshape(1), group=ctx.dp_group)[0]
+        global_tok = ctx.all_reduce_sum(local_tok.to(torch.float64).reshape(1), group=self.dp_group)[0]
         self.engine.set_lr(lr_at(prog.step, cfg.train.steps, cfg.optim))
         set_train_step(self.engine.model, prog.step)  # step-dependent forwards (attention-mask annealing)
         self.engine.model.train()
@@ -342,7 +343,7 @@ class Trainer:
         self._tokens += global_tok.to(torch.int64)
         out = {"loss": None, "grad_norm": grad_norm, "finite": finite}
         if read or not finite:
-            out["loss"] = float(ctx.all_reduce_sum(loss_sum.reshape(1), group=ctx.dp_group)[0])
+            out["loss"] = float(ctx.all_reduce_sum(loss_sum.reshape(1), group=self.dp_group)[0])
             self._read_tokens()
         return out
 
@@ -367,9 +368,10 @@ class Trainer:
         window_tokens, window_s = prog.tokens, 0.0
         every, poll = cfg.logging.every, cfg.train.stop_check_every
         while prog.step < cfg.train.steps:
-            if (prog.step % poll == 0 or prog.step % every == 0) and self._stop_agreed():
+            stop = self._stop_agreed() if (prog.step % poll == 0 or prog.step % every == 0) else ""
+            if stop:
                 self.save()
-                self.metrics.print(f"stop signal ({signals.received()}): checkpoint saved at step {prog.step}; "
+                self.metrics.print(f"stop signal ({stop}): checkpoint saved at step {prog.step}; "
                                    f"re-run the same command (or let the launcher requeue) to resume")
                 return "preempted"
             t0 = time.perf_counter()
@@ -400,11 +402,18 @@ class Trainer:
         self.evaluate()
         return "done"
 
-    def _stop_agreed(self) -> bool:
-        """True on every rank when any rank received a stop signal (so all ranks save together). A CPU all-reduce
-        (gloo beside NCCL on GPUs): it never waits for the device."""
-        flag = torch.tensor([1.0 if signals.stop_requested() else 0.0], dtype=torch.float64)
-        return float(self.ctx.all_reduce_sum(flag)[0]) > 0
+    _STOP_SIGNALS = ("SIGUSR2", "SIGTERM")
+
+    def _stop_agreed(self) -> str:
+        """The stop signals any rank received ("" if none), the same on every rank, so all ranks save together. A
+        CPU all-reduce (gloo beside NCCL on GPUs): it never waits for the device."""
+        got = signals.received().split(",") if signals.stop_requested() else []
+        flags = torch.tensor([float(name in got) for name in self._STOP_SIGNALS] + [float(bool(got))],
+                             dtype=torch.float64)
+        flags = self.ctx.all_reduce_sum(flags)
+        if float(flags[-1]) == 0:
+            return ""
+        return ",".join(n for n, f in zip(self._STOP_SIGNALS, flags.tolist()) if f > 0) or "request"
 
     # ------------------------------------------------------------------------------------------------
     def evaluate(self) -> list[dict]:
