@@ -6,9 +6,11 @@
 #
 # The launcher starts NUM_GPUS copies of `mdtrain --local_rank=N train CONFIG ...` with RANK / WORLD_SIZE /
 # LOCAL_RANK / MASTER_ADDR=127.0.0.1 / MASTER_PORT set. On a machine without GPUs export DS_ACCELERATOR=cpu first
-# (scripts/setup_env.sh does). Overrides after the config win over parallel.engine=deepspeed.
+# (scripts/setup_env.sh does). Overrides after the config win over parallel.engine=deepspeed. Exit status: 0 done,
+# 143 when the workers stopped for SIGUSR2/SIGTERM after their checkpoint (the launcher passes on the first non-zero
+# worker status), else that status.
 set -euo pipefail
-if [ $# -lt 1 ]; then sed -n '2,10p' "$0" >&2; exit 2; fi
+if [ $# -lt 1 ]; then sed -n '2,12p' "$0" >&2; exit 2; fi
 config=$1
 shift
 NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}

@@ -12,7 +12,7 @@
 # `python -m mdtrain.launch.torchrun` (same arguments), which exits with 143 when the workers stopped for a
 # SIGUSR2/SIGTERM after their checkpoint (plain torchrun exits with 1 then), 0 when done, 1 on a failure.
 set -euo pipefail
-if [ $# -lt 1 ]; then sed -n '2,14p' "$0" >&2; exit 2; fi
+if [ $# -lt 1 ]; then sed -n '2,13p' "$0" >&2; exit 2; fi
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
 [ "${NPROC:-0}" -ge 1 ] || NPROC=1
 NNODES=${NNODES:-1}

@@ -30,8 +30,8 @@ from typing import Callable, Optional, Protocol
 
 from mdtrain.configtools import atomic_write_text
 from mdtrain.faults import CheckpointError, RunDirError
-from mdtrain.parallel.engines.base import main_then_all
-from mdtrain.parallel.engines.safe_io import dcp_exception, scan_checkpoint
+from mdtrain.parallel.engines.base import main_then_all, scan_everywhere
+from mdtrain.parallel.engines.safe_io import dcp_exception, file_owner
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -76,27 +76,6 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             sha.update(block)
     return sha.hexdigest()
-
-
-_OWNER_RES = (re.compile(r"rank_(\d+)\.pt$"), re.compile(r"__(\d+)_\d+\.distcp$"))
-_DS_OPTIM = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_")
-_DS_MODEL = re.compile(r"(?:^|/)mp_rank_(\d+)_model_states\.pt$")
-
-
-def file_owner(rel: str, world_size: int, tp_size: int = 1) -> int:
-    """The rank that wrote ``rel`` (and so hashes it, from its page cache): from the rank in the file name
-    (client/ema ``rank_N.pt``, DCP ``__N_0.distcp``, DeepSpeed ``zero_pp_rank_D_mp_rank_T``), else rank 0."""
-    for pattern in _OWNER_RES:
-        m = pattern.search(rel)
-        if m:
-            return int(m.group(1)) % world_size
-    m = _DS_OPTIM.search(rel)
-    if m:
-        return (int(m.group(1)) * tp_size + int(m.group(2))) % world_size
-    m = _DS_MODEL.search(rel)
-    if m:
-        return int(m.group(1)) % world_size
-    return 0
 
 
 def write_manifest(path: str, step: int, files: dict, extra: Optional[dict] = None) -> None:
@@ -331,7 +310,7 @@ class CheckpointManager:
             why = self._hash_check(path) if self.checksums else None
             if why is None:
                 # a file that would run code stops the run (not a fall-back: someone crafted it), before any work
-                main_then_all(self.ctx, lambda: scan_checkpoint(path))
+                scan_everywhere(self.ctx, path)
                 return path
             rejected.append((path, why))
             if self.ctx.is_main:

@@ -50,7 +50,8 @@ class OptimConfig:
 class TrainConfig:
     run_dir: str = doc("runs/default", "run directory: config.yaml, metrics.jsonl, checkpoints/")
     steps: int = doc(1000, "optimizer steps to train for", ge=1)
-    global_batch_size: int = doc(512, "sequences per optimizer step, summed over ranks and accumulation (MDLM: 512)", ge=1)
+    global_batch_size: int = doc(512, "sequences per optimizer step, summed over ranks and accumulation (MDLM: 512)",
+                                 ge=1)
     micro_batch_size: int = doc(16, "sequences per forward/backward on one rank", ge=1)
     seed: int = doc(1, "seed of every random stream (MDLM: 1)", ge=0)
     precision: str = doc("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16",

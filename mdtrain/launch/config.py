@@ -16,7 +16,8 @@ class LaunchConfig:
     nodes: int = doc(1, "nodes per job (sbatch --nodes)", ge=1)
     gpus_per_node: int = doc(0, "GPUs per node (sbatch --gpus-per-node); one task per GPU. 0 = request no GPUs", ge=0)
     tasks_per_node: int = doc(0, "processes per node; 0 = one per GPU (one per node without GPUs)", ge=0)
-    cpus_per_task: int = doc(0, "CPUs per task (sbatch --cpus-per-task, also OMP_NUM_THREADS); 0 = cluster default", ge=0)
+    cpus_per_task: int = doc(0, "CPUs per task (sbatch --cpus-per-task, also OMP_NUM_THREADS); 0 = cluster default",
+                             ge=0)
     mem: str = doc("", "memory per node, e.g. 480G (sbatch --mem); empty = cluster default")
     time: str = doc("4:00:00", "time limit per allocation: MINUTES, H:MM:SS, D-H, D-H:MM or D-H:MM:SS; the job "
                     "checkpoints and requeues itself before it runs out")
@@ -31,7 +32,8 @@ class LaunchConfig:
                       "(the runs' common parent for job arrays)")
     signal_delay_s: int = doc(120, "SLURM sends USR2 this long before the time limit (sbatch --signal); the run "
                               "must checkpoint within it", ge=0)
-    max_requeues: int = doc(20, "give up after this many time-limit requeues of one job (preemptions do not count)", ge=0)
+    max_requeues: int = doc(20, "give up after this many time-limit requeues of one job (preemptions do not count)",
+                            ge=0)
     array_parallelism: int = doc(0, "job arrays: run at most this many elements at once; 0 = no limit", ge=0)
 
     def validate(self):

@@ -49,7 +49,8 @@ class ObjectiveConfig:
     importance_sampling: bool = doc(False, "mdlm, loglinear/linear_sigma only: log-uniform masking rate in u with "
                                            "the constant weight of the change of variables")
     subs_masking: bool = doc(False, "d3pm only: suppress the mask logit (zero masking probability)")
-    genmd4_power_init: float = doc(1.0, "genmd4: initial value of every per-token power w_v (1 = linear schedule)", gt=0)
+    genmd4_power_init: float = doc(1.0, "genmd4: initial value of every per-token power w_v (1 = linear schedule)",
+                                   gt=0)
     shift: bool = doc(False, "mdlm/md4: shifted parameterisation (Dream, DiffuLLaMA): the network's output at position "
                              "i predicts token i+1, so an AR model's head is reused; position 0 is context (never "
                              "masked, not counted) and sampling needs it given (a prefix or BOS)")
@@ -161,7 +162,8 @@ class SampleConfig:
     num_samples: int = doc(8, "how many sequences to generate", ge=1)
     batch_size: int = doc(8, "sequences generated at once", ge=1)
     seed: int = doc(0, "generator seed", ge=0)
-    top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with probability >= top_p (1 = off)", gt=0, le=1)
+    top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with probability >= top_p (1 = off)",
+                       gt=0, le=1)
     noise_removal: str = doc("auto", "fill masks left at the end: greedy (argmax), ancestral (sample), none; auto = "
                                      "the sampler's own (analytic: ancestral, others: greedy)",
                              choices=("auto", "greedy", "ancestral", "none"))

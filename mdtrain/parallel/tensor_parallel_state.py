@@ -1,8 +1,8 @@
 """State of a tensor-parallel model outside its forward: gradient norms, full (single-device) state dicts, and
 checkpoints written per TP rank that load at the same layout, at another TP size, or into one plain process.
 
-Megatron-free (torch.distributed and DCP only, read through ``engines.safe_io``), so the engines and ``mdtrain export`` use it without importing
-Megatron. A model's cuts come from ``tensor_parallel_layout.ModelLayout``.
+Megatron-free (torch.distributed and DCP only, read through ``engines.safe_io``), so the engines and ``mdtrain
+export`` use it without importing Megatron. A model's cuts come from ``tensor_parallel_layout.ModelLayout``.
 
 DCP checkpoint keys under TP: a tensor that differs between TP ranks (the split part of a weight, its AdamW
 moments, its EMA shadow) is stored as ``tp{rank}.{name}``; replicated tensors keep their plain name and are

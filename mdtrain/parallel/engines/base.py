@@ -36,7 +36,7 @@ from torch import nn
 from mdtrain.faults import CheckpointError
 from mdtrain.parallel.dist import DistContext
 from mdtrain.parallel.ema import ShardedEMA
-from mdtrain.parallel.engines.safe_io import scan_checkpoint, torch_file
+from mdtrain.parallel.engines.safe_io import file_owner, scan_checkpoint, torch_file
 
 ENGINE_META = "engine.json"
 
@@ -74,6 +74,24 @@ def main_then_all(ctx: DistContext, fn) -> Any:
     if failure:
         raise kinds[failure[0]](failure[1])
     return result
+
+
+def scan_everywhere(ctx: DistContext, path: str) -> None:
+    """``safe_io.scan_checkpoint`` split over the ranks (each scans the files it wrote, so no rank's cost grows with
+    the number of ranks); a refusal on any rank is raised on every rank."""
+    mine = lambda rel: file_owner(rel, ctx.world_size, ctx.tp_size) == ctx.rank  # noqa: E731
+    try:
+        scan_checkpoint(path, mine)
+        message = ""
+    except CheckpointError as e:
+        message = str(e)
+    if ctx.distributed:
+        import torch.distributed as dist
+        every = [None] * ctx.world_size
+        dist.all_gather_object(every, message)  # strings from this job's own ranks, not from disk
+        message = next((m for m in every if m), "")
+    if message:
+        raise CheckpointError(message)
 
 
 class Engine(abc.ABC):
@@ -173,7 +191,7 @@ class Engine(abc.ABC):
         Call ``ema_init()`` first to restore the EMA (an engine without one ignores a saved EMA). At a different
         world size the state is resharded and rank 0's client_state is returned to every rank."""
         self.wait_checkpoint()
-        main_then_all(self.ctx, lambda: scan_checkpoint(path))  # nothing below meets a pickle that runs code
+        scan_everywhere(self.ctx, path)  # nothing below meets a pickle that runs code
         meta = read_meta(path)
         if meta["engine"] != self.name:
             raise CheckpointError(f"checkpoint {path} was written by the '{meta['engine']}' engine; this run uses "

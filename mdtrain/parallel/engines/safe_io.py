@@ -21,8 +21,9 @@ import importlib
 import io
 import os
 import pickle
+import re
 import stat
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -321,6 +322,27 @@ def _inner_refusal(e: BaseException):
 # ------------------------------------------------------------------------------------------------------------------
 # the whole checkpoint, before anything is loaded
 
+_OWNER_RES = (re.compile(r"rank_(\d+)\.pt$"), re.compile(r"__(\d+)_\d+\.distcp$"))
+_DS_OPTIM = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_")
+_DS_MODEL = re.compile(r"(?:^|/)mp_rank_(\d+)_model_states\.pt$")
+
+
+def file_owner(rel: str, world_size: int, tp_size: int = 1) -> int:
+    """The rank that wrote ``rel`` (and so hashes it, from its page cache): from the rank in the file name
+    (client/ema ``rank_N.pt``, DCP ``__N_0.distcp``, DeepSpeed ``zero_pp_rank_D_mp_rank_T``), else rank 0."""
+    for pattern in _OWNER_RES:
+        m = pattern.search(rel)
+        if m:
+            return int(m.group(1)) % world_size
+    m = _DS_OPTIM.search(rel)
+    if m:
+        return (int(m.group(1)) * tp_size + int(m.group(2))) % world_size
+    m = _DS_MODEL.search(rel)
+    if m:
+        return int(m.group(1)) % world_size
+    return 0
+
+
 
 def _files(root: str) -> list[str]:
     out = []
@@ -330,13 +352,15 @@ def _files(root: str) -> list[str]:
     return out
 
 
-def scan_checkpoint(path: str) -> None:
+def scan_checkpoint(path: str, mine: Callable[[str], bool] = lambda rel: True) -> None:
     """Refuse (CheckpointError naming the file) a checkpoint directory any of whose pickles names a global that
     plain tensor data does not need: ``*.pt`` files (DeepSpeed's with DeepSpeed's allowlist), DCP metadata and
-    DCP bytes entries. Tensor data is not read."""
+    DCP bytes entries. Tensor data is not read. ``mine(rel)``: scan only those files (a rank's share)."""
     ds_allowed = None
     for f in _files(path):
         rel = os.path.relpath(f, path)
+        if not mine(rel):
+            continue
         if os.path.basename(f) == ".metadata" and os.path.dirname(rel) == "dcp":
             scan_dcp(os.path.dirname(f))
         elif f.endswith(".pt"):
