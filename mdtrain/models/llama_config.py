@@ -18,21 +18,21 @@ class LlamaConfig:
                          choices=("causal", "bidirectional", "anneal"))
     anneal_steps: int = doc(0, "attention=anneal: steps over which the share of future keys a query may see rises "
                                "linearly from 0 to 1 (each query-key pair drawn independently per forward); "
-                               "evaluation and sampling always use full attention")
-    n_kv_heads: Optional[int] = doc(None, "key/value heads (grouped-query attention); null = model.n_heads")
-    head_dim: Optional[int] = doc(None, "attention head width; null = d_model / n_heads")
+                               "evaluation and sampling always use full attention", ge=0)
+    n_kv_heads: Optional[int] = doc(None, "key/value heads (grouped-query attention); null = model.n_heads", ge=1)
+    head_dim: Optional[int] = doc(None, "attention head width; null = d_model / n_heads", ge=1)
     ffn_hidden: Optional[int] = doc(None, "MLP hidden width; null = 4·d_model (gelu) or Llama's rule "
-                                          "256·ceil(8·d_model/3/256) (swiglu)")
+                                          "256·ceil(8·d_model/3/256) (swiglu)", ge=1)
     mlp: str = doc("swiglu", "MLP: swiglu (down(silu(gate x) * up x): Llama, Qwen2), gelu_tanh (GPT-2's gelu_new) "
                              "or gelu", choices=("swiglu", "gelu_tanh", "gelu"))
     norm: str = doc("rmsnorm", "rmsnorm (Llama, Qwen2) or layernorm (with bias: GPT-2)",
                     choices=("rmsnorm", "layernorm"))
-    norm_eps: float = doc(1e-5, "epsilon of every norm (Llama 1e-5 or 1e-6, GPT-2 1e-5)")
+    norm_eps: float = doc(1e-5, "epsilon of every norm (Llama 1e-5 or 1e-6, GPT-2 1e-5)", gt=0)
     positions: str = doc("rope", "rope (rotary, rotate-half layout) or learned (GPT-2's absolute position table)",
                          choices=("rope", "learned"))
     max_positions: int = doc(0, "learned: rows of the position table (required); rope: the context length the "
-                                "dynamic and yarn scalings refer to (HF's max_position_embeddings; 0: none)")
-    rope_theta: float = doc(10000.0, "rotary base (Llama 3: 500000, Qwen2: 1000000)")
+                                "dynamic and yarn scalings refer to (HF's max_position_embeddings; 0: none)", ge=0)
+    rope_theta: float = doc(10000.0, "rotary base (Llama 3: 500000, Qwen2: 1000000)", gt=0)
     rope_scaling: dict[str, Any] = doc({}, "rotary scaling as Hugging Face writes it: {} = none, or {rope_type: "
                                  "linear | dynamic | llama3 | yarn, factor: F, ...} with llama3's low_freq_factor, "
                                  "high_freq_factor, original_max_position_embeddings and yarn's beta_fast, "
@@ -42,7 +42,7 @@ class LlamaConfig:
     out_bias: bool = doc(False, "bias on the attention output projection (GPT-2)")
     mlp_bias: bool = doc(False, "biases on the MLP projections (GPT-2)")
     init_std: float = doc(0.02, "std of the normal init of every weight when training from scratch (HF's "
-                                "initializer_range)")
+                                "initializer_range)", gt=0)
 
     def validate(self):
         if self.anneal_steps < 0:
