@@ -466,7 +466,7 @@ MODEL_KEYS_FREE_ON_RESUME = ("dropout", "attention", "mamba_backend")
 
 
 def _tokenizer_files(directory: str) -> dict:
-    """A saved tokenizer's content: every file's bytes, its metadata without the spec it was made from."""
+    """A saved tokenizer's content: every file's bytes; its metadata parsed, without the spec it was made from."""
     import json
 
     from mdtrain.data.tokenizers import META_FILE
@@ -476,11 +476,23 @@ def _tokenizer_files(directory: str) -> dict:
         with open(os.path.join(directory, name), "rb") as fh:
             data = fh.read()
         if name == META_FILE:
-            meta = json.loads(data)
-            meta.pop("spec", None)
-            data = json.dumps(meta, sort_keys=True).encode()
+            data = json.loads(data)
+            data.pop("spec", None)
         out[name] = data
     return out
+
+
+def _same_tokenizer(a: dict, b: dict) -> bool:
+    """Files both hold are equal (metadata: the keys both hold), so a checkpoint saved by an older mdtrain that wrote
+    fewer fields still matches."""
+    for name in set(a) & set(b):
+        x, y = a[name], b[name]
+        if isinstance(x, dict) and isinstance(y, dict):
+            if any(x[k] != y[k] for k in set(x) & set(y)):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def check_resumable(path: str, cfg: Config, tokenizer) -> None:
@@ -511,7 +523,7 @@ def check_resumable(path: str, cfg: Config, tokenizer) -> None:
     if os.path.isdir(tok_dir):
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save(tmp)
-            if _tokenizer_files(tmp) != _tokenizer_files(tok_dir):
+            if not _same_tokenizer(_tokenizer_files(tmp), _tokenizer_files(tok_dir)):
                 diffs.append(f"the tokenizer (the checkpoint's has vocab size "
                              f"{_vocab_size(tok_dir)}, this run's data {tokenizer.vocab_size})")
     if diffs:
