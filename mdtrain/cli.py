@@ -159,8 +159,13 @@ def train(args) -> int:
         from mdtrain.configtools import dump_yaml
         print(dump_yaml(cfg), end="")
         return 0
+    from mdtrain import signals
     from mdtrain.trainer import run
-    return run(cfg)
+    try:
+        return run(cfg)
+    except signals.Preempted:
+        signals.ignore_further()  # this process is about to exit 143: a launcher's SIGTERM must not turn it into -15
+        raise
 
 
 def _run(command: str, fn, args) -> int:

@@ -35,6 +35,19 @@ def install(signals=(signal.SIGUSR2, signal.SIGTERM)) -> None:
         signal.signal(s, _handler)
 
 
+def ignore_further(signals=(signal.SIGUSR2, signal.SIGTERM)) -> None:
+    """After the stop checkpoint is saved: ignore further stop signals until the process has exited.
+
+    A launcher that sees one rank exit (torchrun, the DeepSpeed launcher) sends SIGTERM to the others; Python
+    restores the default handler of a Python-handled signal while it shuts down, so without this a rank that is
+    still tearing down would die of that SIGTERM (exit -15) instead of exiting 143 like its peers. An ignored
+    signal stays ignored through interpreter shutdown."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in signals:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def stop_requested() -> bool:
     return _stop.is_set()
 

@@ -55,10 +55,10 @@ class ObjectiveConfig:
                              "i predicts token i+1, so an AR model's head is reused; position 0 is context (never "
                              "masked, not counted) and sampling needs it given (a prefix or BOS)")
     block_size: int = doc(0, "bd3lm: tokens per block, dividing data.seq_len (1 = the AR likelihood, seq_len = "
-                             "MDLM; the paper: 4, 8, 16); 0 for every other objective")
+                             "MDLM; the paper: 4, 8, 16); 0 for every other objective", ge=0)
     clip: list[float] = doc([], "bd3lm: [beta, omega], training draws each block's t from U[beta, omega] (the "
                                 "paper's clipped, variance-reduced schedule, e.g. [0.45, 0.95]); evaluation always "
-                                "uses the full interval; [] = U[sampling_eps, 1]")
+                                "uses the full interval; [] = U[sampling_eps, 1]", ge=0.0, le=1.0)
     resample: bool = doc(False, "bd3lm with clip: keep every block's masked fraction inside [beta, omega] (the "
                                 "reference's training.resample; drawn exactly from the truncated binomial)")
     ignore_bos: bool = doc(True, "bd3lm: the first token of every sequence is context, never masked nor scored "
