@@ -1,4 +1,13 @@
-"""Float64 categorical draws (the float32 Gumbel pitfall: Zheng et al. 2024, §4) and nucleus filtering."""
+"""Float64 categorical draws and nucleus filtering.
+
+Why float64 (Zheng et al. 2024, arXiv 2409.02908, on inaccurate categorical sampling): a Gumbel-max draw argmax(l + g), g = −log(−log u), can only
+pick a class whose log-weight is within max(g) − min(g) of the winner's. float32 uniforms lie on a 2^-24 grid, so
+g ≤ −log(2^-24) ≈ 16.6: classes whose weight is below ~e^-17 of the leader's are (almost) never drawn. In the
+reference ddpm step the leader is the mask class (weight ≈ 1) and a token's weight is Δα·x_θ(v) ≈ 1e-3·x_θ(v), so
+every token with x_θ(v) below ~1e-4 is cut: an implicit top-p that lowers the temperature and flatters gen-PPL.
+float64 uniforms (2^-53 grid) push the limit to e^-36. Our samplers also never race tokens against the mask
+class (reveal first, then draw the token), which removes the Δα factor.
+"""
 from __future__ import annotations
 
 import math
@@ -13,11 +22,15 @@ def uniform(shape, generator: Optional[torch.Generator], device) -> torch.Tensor
     return torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device).to(device)
 
 
+def gumbel_argmax(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """argmax(logits − log(−log u)) over the last dim, in float64 whatever the inputs' dtypes: the Gumbel-max
+    draw for the given uniforms (u in (0, 1); u = 0 gives noise −∞, a class that cannot win)."""
+    return (logits.to(torch.float64) - torch.log(-torch.log(u.to(torch.float64)))).argmax(dim=-1)
+
+
 def categorical(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     """One draw per row from softmax(logits) (unnormalised log-weights, −∞ allowed), by Gumbel-max in float64."""
-    logits = logits.to(torch.float64)
-    u = uniform(logits.shape, generator, logits.device)
-    return (logits - torch.log(-torch.log(u))).argmax(dim=-1)
+    return gumbel_argmax(logits, uniform(logits.shape, generator, logits.device))
 
 
 def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -12,23 +12,13 @@ when the network does not see t (objective.time_conditioning false); otherwise i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
-from mdtrain.objectives.logprob import CHUNK_ELEMENTS
 from mdtrain.objectives.samplers.categorical import categorical, nucleus, uniform
+from mdtrain.objectives.samplers.common import Net, Stats, fill_masks, row_chunks
 
-
-@dataclass
-class Stats:
-    batch_size: int
-    device: torch.device
-    nfe: int = 0  # network calls (each on the sub-batch that needed one)
-    per_sample: torch.Tensor = field(init=False)  # network evaluations of each sequence
-
-    def __post_init__(self):
-        self.per_sample = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+__all__ = ["Stats", "time_grid", "step_masked", "denoise_window", "sample_windows"]
 
 
 def time_grid(steps: int, t_min: float, grid: str) -> torch.Tensor:
@@ -70,15 +60,11 @@ class _Analytic:
         return self.obj.log_score(rows, self.sigma(t))
 
 
-def _evaluate(model_fn, objective, x, need, t: float, logits, stats: Stats):
+def _evaluate(net: Net, x, need, t: float, logits):
     """Run the network on the sequences in ``need`` at time t; store their logits in the per-sequence buffer."""
     idx = need.nonzero(as_tuple=True)[0]
     full = idx.numel() == x.shape[0]
-    xs = x if full else x[idx]
-    cond = objective.cond(torch.full((xs.shape[0],), t, dtype=torch.float64, device=x.device))
-    out = objective.align_logits(model_fn(xs, cond))
-    stats.nfe += 1
-    stats.per_sample[idx] += 1
+    out = net(x, t) if full else net(x[idx], t, idx)
     if full:
         return out
     if logits is None:
@@ -87,21 +73,16 @@ def _evaluate(model_fn, objective, x, need, t: float, logits, stats: Stats):
     return logits
 
 
-def _row_chunks(n: int, vocab: int):
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
-    for a in range(0, n, step):
-        yield slice(a, min(n, a + step))
-
-
-def _step(rule, logits, x, mask_id, t, s, generator, top_p) -> torch.Tensor:
-    """One reverse step in place on x; returns the bool (B,) of sequences that changed."""
+def step_masked(rule, logits, x, mask_id, t, s, generator, top_p) -> torch.Tensor:
+    """One reverse step t → s in place on x's masked positions; returns the bool (B,) of sequences that changed.
+    ``rule`` gives unmask_prob (rows, t, s) and reveal_logits (rows, t, s), with ``needs_rows``."""
     b_idx, l_idx = (x == mask_id).nonzero(as_tuple=True)
     n = b_idx.numel()
     tt = torch.full((n,), t, dtype=torch.float64, device=x.device)
     ss = torch.full((n,), s, dtype=torch.float64, device=x.device)
     if rule.needs_rows:
         p = torch.empty(n, dtype=torch.float64, device=x.device)
-        for c in _row_chunks(n, logits.shape[-1]):
+        for c in row_chunks(n, logits.shape[-1]):
             p[c] = rule.unmask_prob(logits[b_idx[c], l_idx[c]], tt[c], ss[c])
     else:
         p = rule.unmask_prob(None, tt, ss)
@@ -109,18 +90,22 @@ def _step(rule, logits, x, mask_id, t, s, generator, top_p) -> torch.Tensor:
     changed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if go.any():
         gb, gl, tg, sg = b_idx[go], l_idx[go], tt[go], ss[go]
-        for c in _row_chunks(gb.numel(), logits.shape[-1]):
+        for c in row_chunks(gb.numel(), logits.shape[-1]):
             w = nucleus(rule.reveal_logits(logits[gb[c], gl[c]], tg[c], sg[c]), top_p)
             x[gb[c], gl[c]] = categorical(w, generator)
         changed[gb] = True
     return changed
 
 
-def denoise_window(objective, model_fn, x, times, generator, *, rule: str, cached: bool, top_p: float,
-                   noise_removal: str, stats: Stats) -> torch.Tensor:
+def step_rule(objective, rule: str):
+    return _Analytic(objective) if rule == "analytic" else _DDPM(objective)
+
+
+def denoise_window(objective, net: Net, x, times, generator, *, rule: str, cached: bool, top_p: float,
+                   noise_removal: str) -> torch.Tensor:
     """Run the reverse process over ``times`` on x (B, L) in place (mask_id = free), then fill leftovers."""
     mask_id = objective.mask_id
-    step_rule = _Analytic(objective) if rule == "analytic" else _DDPM(objective)
+    srule = step_rule(objective, rule)
     reuse = cached and not objective.time_conditioning
     logits = None
     fresh = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # logits[b] computed on the current x[b]
@@ -131,9 +116,9 @@ def denoise_window(objective, model_fn, x, times, generator, *, rule: str, cache
             break
         need = active & ~fresh if reuse else active
         if need.any():
-            logits = _evaluate(model_fn, objective, x, need, t, logits, stats)
+            logits = _evaluate(net, x, need, t, logits)
             fresh |= need
-        changed = _step(step_rule, logits, x, mask_id, t, s, generator, top_p)
+        changed = step_masked(srule, logits, x, mask_id, t, s, generator, top_p)
         fresh = fresh & ~changed if reuse else torch.zeros_like(fresh)
 
     left = x == mask_id
@@ -142,26 +127,17 @@ def denoise_window(objective, model_fn, x, times, generator, *, rule: str, cache
     seqs = left.any(1)
     need = seqs & ~fresh if reuse else seqs
     if need.any():
-        logits = _evaluate(model_fn, objective, x, need, float(times[-1]), logits, stats)
-    b_idx, l_idx = left.nonzero(as_tuple=True)
-    for c in _row_chunks(b_idx.numel(), logits.shape[-1]):
-        w = objective.denoiser_logprobs(logits[b_idx[c], l_idx[c]])
-        w[:, mask_id] = -math.inf
-        if noise_removal == "greedy":
-            tok = w.argmax(-1)
-        else:
-            tok = categorical(nucleus(w, top_p), generator)
-        x[b_idx[c], l_idx[c]] = tok
-    return x
+        logits = _evaluate(net, x, need, float(times[-1]), logits)
+    return fill_masks(objective, logits, x, left, noise_removal, top_p, generator)
 
 
-def sample_masked(objective, model_fn, template: torch.Tensor, seq_len: int, steps: int, generator, *,
-                  rule: str, cached: bool, grid: str, t_min: float, top_p: float, noise_removal: str,
-                  stats: Stats, stride_length: int = 0, num_strides: int = 0):
+def sample_windows(net: Net, template: torch.Tensor, seq_len: int, stride_length: int, num_strides: int,
+                   denoise) -> torch.Tensor:
     """``template`` (B, seq_len + num_strides·stride_length): given tokens, mask_id where free. Windows of the
     model length ``seq_len``; window k covers [k·S, k·S + seq_len) and starts from the previous window's last
-    seq_len − S tokens (MDLM's semi-AR ``sample_subs_guidance``, with any sampler and infill)."""
-    times = time_grid(steps, t_min, grid)
+    seq_len − S tokens (MDLM's semi-AR ``sample_subs_guidance``, with any sampler and infill). ``denoise(x)``
+    fills one window in place; ``net.given`` is set to the window's fixed positions first (guidance)."""
+    mask_id = net.obj.mask_id
     x_all = template.clone()
     prev = None
     for k in range(num_strides + 1):
@@ -169,8 +145,8 @@ def sample_masked(objective, model_fn, template: torch.Tensor, seq_len: int, ste
         x = x_all[:, a:a + seq_len].clone()
         if prev is not None:
             x[:, :seq_len - stride_length] = prev[:, stride_length:]
-        x = denoise_window(objective, model_fn, x, times, generator, rule=rule, cached=cached, top_p=top_p,
-                           noise_removal=noise_removal, stats=stats)
+        net.given = x != mask_id
+        x = denoise(x)
         x_all[:, a:a + seq_len] = x
         prev = x
     return x_all
