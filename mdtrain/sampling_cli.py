@@ -1,68 +1,111 @@
 """``mdtrain sample``: generate with any sampler from a run dir, checkpoint or export; write text and token ids.
 
-The ``sample`` config section picks the sampler and its options (``sample.sampler=ddpm_cache sample.steps=1000
-sample.top_p=0.9 ...``); the prefix/infill template and the output file are options of that section too. The last
-stdout line is a JSON summary (samples, network evaluations, seconds, output file).
+The ``sample`` config section picks the sampler and its options (``sample.sampler=first_hitting sample.top_p=0.9
+...``); the prompt (``sample.prefix``) or infill template (``sample.infill="text <mask*8> more text"``) and the
+output file are options of that section too. The last stdout line is a JSON summary (samples, network
+evaluations, seconds, output file). A bad option or template is one ``config error`` line.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import time
 
 import torch
 
+from mdtrain.configtools import ConfigError
 from mdtrain.inference import load_for_inference
 from mdtrain.objectives.protocol import make_model_fn
 from mdtrain.objectives.samplers import sample
 
 # SampleConfig fields the CLI consumes itself; every other field is passed to the sampler as an option.
-_CLI_FIELDS = {"sampler", "steps", "num_samples", "batch_size", "seed", "out", "prefix", "show", "stop_at_eos"}
+_CLI_FIELDS = {"sampler", "steps", "num_samples", "batch_size", "seed", "out", "prefix", "infill", "show",
+               "stop_at_eos"}
+_BLANK = re.compile(r"<mask(?:\*(\d+))?>")
 
 
 def sampler_options(scfg) -> dict:
     return {k: v for k, v in dataclasses.asdict(scfg).items() if k not in _CLI_FIELDS}
 
 
-def _template(bundle, prefix: str, batch: int, seq_len: int):
-    """Prefix conditioning: the encoded prompt fixed at the start, the rest masked (None without a prompt)."""
-    if not prefix:
+def parse_infill(text: str, encode, mask_id: int) -> list[int]:
+    """Token ids of an infill template: text segments encoded as they are, ``<mask>`` one blank, ``<mask*N>`` N
+    blanks (mask_id). Anything else starting with ``<mask`` is an error (there is no escape for it)."""
+    ids, pos = [], 0
+    for m in list(_BLANK.finditer(text)) + [None]:
+        seg = text[pos:m.start() if m else len(text)]
+        bad = seg.find("<mask")
+        if bad >= 0:
+            at = pos + bad
+            raise ConfigError(f"sample.infill: malformed blank {text[at:at + 12]!r} at character {at}; write <mask> "
+                              "or <mask*N> with N >= 1")
+        if seg:
+            ids.extend(encode(seg))
+        if m is None:
+            break
+        n = 1 if m.group(1) is None else int(m.group(1))
+        if n < 1:
+            raise ConfigError(f"sample.infill: {m.group(0)!r} at character {m.start()} asks for no blank; N >= 1")
+        ids.extend([mask_id] * n)
+        pos = m.end()
+    return ids
+
+
+def build_template(tokenizer, scfg, length: int, causal: bool):
+    """The (1, n) template the sampler starts from (given tokens, mask_id where free), or None: BOS (when the
+    tokenizer has one), then the prefix or the infill template; the positions after it are generated."""
+    text = scfg.infill or scfg.prefix
+    if not text:
         return None
-    tok = bundle.tokenizer
-    ids = ([tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []) + tok.encode(prefix)
-    if len(ids) >= seq_len:
-        raise ValueError(f"sample.prefix encodes to {len(ids)} tokens; it must be shorter than the model length "
-                         f"{seq_len}")
-    t = torch.full((batch, seq_len), tok.mask_id, dtype=torch.long)
-    t[:, :len(ids)] = torch.tensor(ids)
-    return t
+    key = "sample.infill" if scfg.infill else "sample.prefix"
+    if scfg.infill and causal:
+        raise ConfigError("sample.infill needs a masked-diffusion model; an ar model generates left to right "
+                          "(use sample.prefix)")
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
+    body = parse_infill(text, tokenizer.encode, tokenizer.mask_id) if scfg.infill else tokenizer.encode(text)
+    ids = bos + body
+    if len(ids) > length or (len(ids) == length and tokenizer.mask_id not in body):
+        raise ConfigError(f"{key} encodes to {len(ids)} tokens{' with BOS' if bos else ''}; the model generates "
+                          f"{length} (data.seq_len + sample.num_strides·sample.stride_length): it must leave "
+                          "something to generate; shorten it")
+    return torch.tensor([ids])
 
 
 def main(args) -> int:
     bundle = load_for_inference(args.path, overrides=args.overrides)
     cfg, scfg = bundle.cfg, bundle.cfg.sample
+    scfg.validate()  # overrides are applied after the run's config was checked
     model_fn = make_model_fn(bundle.model)
     if cfg.model.image_shape:  # image runs write a PNG grid (mdtrain/sampling_images.py)
+        if scfg.infill:
+            raise ConfigError("sample.infill is text; image runs sample whole images (leave sample.infill empty)")
         from mdtrain.sampling_images import sample_images
         return sample_images(bundle, args.path, model_fn, sampler_options(scfg))
     gen = torch.Generator().manual_seed(scfg.seed)
-    seqs, nfe, t0 = [], 0, time.time()
+    length = cfg.data.seq_len + scfg.num_strides * scfg.stride_length
+    template = build_template(bundle.tokenizer, scfg, length, bundle.objective.causal)
+    opts = sampler_options(scfg)
+    if template is not None:
+        opts["prefix"] = template
+    if bundle.objective.causal:
+        opts["bos_id"] = bundle.tokenizer.bos_id
+    if getattr(bundle.objective, "block_size", 0):  # bd3lm: BOS as the context token; EOS may end a sample
+        if bundle.objective.ignore_bos:
+            opts["bos_id"] = bundle.tokenizer.bos_id
+        if scfg.stop_at_eos:
+            opts["eos_id"] = bundle.tokenizer.eos_id
+    seqs, nfe, t0, info = [], 0, time.time(), {"sampler": scfg.sampler}
     remaining = scfg.num_samples
     while remaining > 0:
         b = min(scfg.batch_size, remaining)
-        opts = sampler_options(scfg)
-        template = _template(bundle, scfg.prefix, b, cfg.data.seq_len)
-        if template is not None:
-            opts["prefix"] = template
-        if getattr(bundle.objective, "block_size", 0):  # bd3lm: BOS as the context token; EOS may end a sample
-            if bundle.objective.ignore_bos:
-                opts["bos_id"] = bundle.tokenizer.bos_id
-            if scfg.stop_at_eos:
-                opts["eos_id"] = bundle.tokenizer.eos_id
-        with torch.no_grad():
-            tokens, info = sample(bundle.objective, model_fn, b, cfg.data.seq_len, scfg.steps, gen,
-                                  sampler=scfg.sampler, **opts)
+        try:
+            with torch.no_grad():
+                tokens, info = sample(bundle.objective, model_fn, b, cfg.data.seq_len, scfg.steps, gen,
+                                      sampler=scfg.sampler, **opts)
+        except ValueError as e:  # an option the chosen sampler or objective cannot take
+            raise ConfigError(f"sample.sampler={scfg.sampler}: {e}") from None
         rows = tokens.tolist()
         if "lengths" in info:  # samples that ended at EOS
             rows = [row[:n] for row, n in zip(rows, info["lengths"].tolist())]
@@ -78,7 +121,7 @@ def main(args) -> int:
             fh.write(json.dumps({"text": t, "ids": s}) + "\n")
     for i, t in enumerate(texts[: max(0, scfg.show)]):
         print(f"--- sample {i} ---\n{t}")
-    print(json.dumps({"num_samples": len(seqs), "sampler": scfg.sampler, "steps": scfg.steps, "nfe": nfe,
+    print(json.dumps({"num_samples": len(seqs), "sampler": info["sampler"], "steps": scfg.steps, "nfe": nfe,
                       "seconds": round(seconds, 3), "out": os.path.abspath(out)}))
     return 0
 

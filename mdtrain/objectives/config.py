@@ -12,7 +12,8 @@ from typing import Optional
 from mdtrain.configtools import ConfigError, doc
 
 OBJECTIVE_NAMES = ("mdlm", "md4", "genmd4", "d3pm", "sedd", "ar", "bd3lm")
-SAMPLER_NAMES = ("auto", "ddpm", "ddpm_cache", "ancestral", "analytic", "ar")
+SAMPLER_NAMES = ("auto", "ddpm", "ddpm_cache", "ancestral", "analytic", "first_hitting", "remdm", "llada", "fast_dllm",
+                 "ar")
 
 # Per-objective conventions (MDLM's configs/config.yaml; MD4's and GenMD4's configs/openwebtext.py and Shi et al. 2024,
 # §4 and App. F): schedule, sampling_eps (GenMD4: t1), T, time conditioning.
@@ -155,25 +156,57 @@ def _check_block_diffusion(cfg: ObjectiveConfig, bad) -> None:
 
 @dataclass
 class SampleConfig:
+    """`mdtrain sample` and generative evaluation. Every option is read by the samplers named in its doc (a
+    non-default value for a sampler that ignores it is an error); README "Sampling" has one command per sampler."""
     sampler: str = doc("auto", "auto (ddpm_cache, or ar for the ar objective), ddpm (exact absorbing posterior), "
                                "ddpm_cache (re-run the network only for sequences that changed), ancestral (MD4, "
-                               "cosine grid), analytic (SEDD tau-leaping), ar", choices=SAMPLER_NAMES)
-    steps: int = doc(1000, "number of reverse steps T (ignored by ar)", ge=1)
+                               "cosine grid), analytic (SEDD tau-leaping), first_hitting (Zheng et al.: one call per "
+                               "revealed token), remdm (ddpm + ReMDM remasking), llada (low-confidence remasking in "
+                               "blocks), fast_dllm (confidence threshold in blocks), ar", choices=SAMPLER_NAMES)
+    steps: int = doc(1000, "reverse steps T (ddpm family, remdm); llada: steps over all blocks; ignored by "
+                           "first_hitting, fast_dllm and ar", ge=1)
     num_samples: int = doc(8, "how many sequences to generate", ge=1)
     batch_size: int = doc(8, "sequences generated at once", ge=1)
     seed: int = doc(0, "generator seed", ge=0)
-    top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with probability >= top_p (1 = off)",
-                       gt=0, le=1)
-    noise_removal: str = doc("auto", "fill masks left at the end: greedy (argmax), ancestral (sample), none; auto = "
-                                     "the sampler's own (analytic: ancestral, others: greedy)",
-                             choices=("auto", "greedy", "ancestral", "none"))
-    grid: str = doc("auto", "time grid: uniform or cosine (MD4's t = cos(π/2·(1−u))); auto = cosine for ancestral, "
-                            "uniform otherwise", choices=("auto", "uniform", "cosine"))
-    t_min: Optional[float] = doc(None, "last time of the grid; null = 1e-5 (MDLM), 0 for ancestral (MD4)", ge=0, lt=1)
-    stride_length: int = doc(0, "semi-autoregressive: new tokens per extra window (0 = off)", ge=0)
-    num_strides: int = doc(0, "semi-autoregressive: extra windows; output length = model length + "
-                              "num_strides·stride_length", ge=0)
-    prefix: str = doc("", "text every sample starts with (encoded by `mdtrain sample`; given tokens never change)")
+    top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with probability >= top_p (1 = off); "
+                            "every sampler (llada/fast_dllm: with temperature > 0)", gt=0, le=1)
+    noise_removal: str = doc("auto", "ddpm family, remdm, first_hitting: fill masks left at the end: greedy (argmax), "
+                                     "ancestral (sample), none; auto = the sampler's own (analytic: ancestral, "
+                                     "others: greedy)", choices=("auto", "greedy", "ancestral", "none"))
+    grid: str = doc("auto", "ddpm family, remdm: time grid uniform or cosine (MD4's t = cos(π/2·(1−u))); auto = "
+                            "cosine for ancestral, uniform otherwise", choices=("auto", "uniform", "cosine"))
+    t_min: Optional[float] = doc(None, "ddpm family, remdm, first_hitting: last time; null = 1e-5 (MDLM), 0 for "
+                                       "ancestral (MD4)", ge=0, lt=1)
+    stride_length: int = doc(0, "masked samplers, semi-autoregressive: new tokens per extra window (0 = off)", ge=0)
+    num_strides: int = doc(0, "masked samplers, semi-autoregressive: extra windows; output length = model length "
+                              "+ num_strides·stride_length", ge=0)
+    guidance: float = doc(0.0, "masked samplers: classifier-free guidance scale w with the prompt as the condition "
+                               "(LLaDA's form: logits u + (1+w)(c−u), u with the prefix/infill tokens masked); "
+                               "0 = off; doubles the network evaluations", ge=0)
+    tokens_per_call: int = doc(1, "first_hitting: tokens revealed per network call (1 = exact)", ge=1)
+    remdm_schedule: str = doc("cap", "remdm: remasking schedule sigma_t: cap = min(eta, sigma_max), rescale = "
+                                     "eta·sigma_max, conf = eta·softmax(−confidence)·sigma_max, loop = remask with "
+                                     "eta while alpha is held at remdm_alpha_on on (t_off, t_on]",
+                              choices=("cap", "rescale", "conf", "loop"))
+    remdm_eta: Optional[float] = doc(None, "remdm: remasking strength eta (0 = ddpm exactly); null = the paper's "
+                                           "for the schedule (cap 0.008, rescale 0.015, conf 1, loop 0.02)", ge=0)
+    remdm_t_on: float = doc(0.55, "remdm loop: time the loop starts (alpha reaches remdm_alpha_on)", ge=0, le=1)
+    remdm_t_off: float = doc(0.05, "remdm loop: time the loop ends (then ddpm to alpha = 1)", ge=0, le=1)
+    remdm_alpha_on: float = doc(0.9, "remdm loop: alpha held during the loop", ge=0, le=1)
+    block_length: int = doc(0, "llada, fast_dllm: semi-autoregressive block length from the first free position "
+                               "(0 = one block)", ge=0)
+    remasking: str = doc("low_confidence", "llada, fast_dllm: which candidates are kept: low_confidence (the most "
+                                           "probable) or random", choices=("low_confidence", "random"))
+    temperature: float = doc(0.0, "llada, fast_dllm: candidates drawn from x_theta^(1/temperature) in float64; "
+                                  "0 = argmax (deterministic)", ge=0)
+    threshold: float = doc(0.9, "fast_dllm: keep every candidate whose probability is >= threshold (and the best)",
+                           ge=0, le=1)
+    prefix_cache: bool = doc(False, "llada, fast_dllm: Fast-dLLM's approximate prefix KV cache for bidirectional "
+                                    "backbones (stale within a block: not exact); off by default")
+    prefix: str = doc("", "`mdtrain sample`: text every sample starts with (given tokens never change)")
+    infill: str = doc("", "`mdtrain sample`: a template of text and <mask> / <mask*N> blanks, e.g. "
+                          "\"def <mask*4>(x): return <mask*8>\"; the text is kept, the blanks and the positions after the "
+                          "template are generated (masked samplers)")
     stop_at_eos: bool = doc(False, "bd3lm: end each sample at its first generated EOS (variable length; the "
                                    "output length num_strides·stride_length past the model length is the cap)")
     out: str = doc("", "`mdtrain sample`: output JSONL of texts and ids; empty = next to the checkpoint")
@@ -187,4 +220,10 @@ class SampleConfig:
         if (self.stride_length > 0) != (self.num_strides > 0):
             raise ConfigError("semi-autoregressive sampling needs both sample.stride_length and sample.num_strides "
                               f"> 0 (got {self.stride_length}, {self.num_strides})")
-
+        if self.guidance < 0:
+            raise ConfigError(f"sample.guidance must be >= 0 (0 = off), got {self.guidance}")
+        if self.tokens_per_call < 1:
+            raise ConfigError(f"sample.tokens_per_call must be >= 1, got {self.tokens_per_call}")
+        if self.prefix and self.infill:
+            raise ConfigError("set sample.prefix or sample.infill, not both (a prefix is an infill template "
+                              "without blanks)")
