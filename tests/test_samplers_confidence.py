@@ -179,7 +179,7 @@ def test_infill_template_syntax():
 
 
 def test_prefix_cache_needs_the_backbone_hook():
-    with pytest.raises(ValueError, match="prefix-cache hook"):
+    with pytest.raises(ValueError, match="KV-cache hook"):
         sample(OBJ, JOINT.denoiser, 1, L, 0, gen(), sampler="fast_dllm", block_length=2, prefix_cache=True)
     with pytest.raises(ValueError, match="does not combine with guidance"):
         sample(OBJ, JOINT.denoiser, 1, L, 0, gen(), sampler="fast_dllm", prefix=TEMPLATES[1], prefix_cache=True,

@@ -1,7 +1,7 @@
 """Float64 categorical draws and nucleus filtering.
 
-Why float64 (Zheng et al. 2024, arXiv 2409.02908, on inaccurate categorical sampling): a Gumbel-max draw argmax(l + g), g = −log(−log u), can only
-pick a class whose log-weight is within max(g) − min(g) of the winner's. float32 uniforms lie on a 2^-24 grid, so
+Why float64 (Zheng et al. 2024, arXiv 2409.02908, on inaccurate categorical sampling): a Gumbel-max draw
+argmax(l + g), g = −log(−log u), can only pick a class whose log-weight is within max(g) − min(g) of the winner's. float32 uniforms lie on a 2^-24 grid, so
 g ≤ −log(2^-24) ≈ 16.6: classes whose weight is below ~e^-17 of the leader's are (almost) never drawn. In the
 reference ddpm step the leader is the mask class (weight ≈ 1) and a token's weight is Δα·x_θ(v) ≈ 1e-3·x_θ(v), so
 every token with x_θ(v) below ~1e-4 is cut: an implicit top-p that lowers the temperature and flatters gen-PPL.

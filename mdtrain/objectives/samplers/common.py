@@ -51,8 +51,8 @@ class Net:
         return self.obj.align_logits(self.fn(x, cond))
 
     def call_with(self, x: torch.Tensor, t, idx, fn):
-        """``fn(x, cond) -> (logits, extra)`` in place of ``model_fn`` (the prefix-cache hooks), counted the same;
-        no guidance."""
+        """``fn(x, cond)`` in place of ``model_fn`` (calls through the KV-cache protocol), counted the same; no
+        guidance."""
         self._count(idx, 1)
         return fn(x, self._cond(x, t))
 

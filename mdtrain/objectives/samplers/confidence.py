@@ -16,7 +16,7 @@ network runs on the whole window and the keys/values of the positions before the
 later steps run the network on the block and what follows only, attending to that cache. It is approximate for
 a bidirectional backbone — the cached prefix was computed while the block was still masked and is not updated
 as the block fills in (and a time-conditioned network keeps the prefix at the block's first time). It needs the
-backbone's cache hook (``model_fn.prefix_cache``).
+backbone's KV-cache hook (``model_fn.new_kv_cache``; the DiT has it).
 """
 from __future__ import annotations
 
@@ -113,29 +113,26 @@ def denoise_confidence(objective, net: Net, x: torch.Tensor, generator, *, rule:
 
 
 class _PrefixCache:
-    """Fast-dLLM's prefix cache for one block starting at column ``a`` (approximate; see the module doc).
-
-    Hook protocol on ``model_fn``: ``prefix_cache(x, cond, n) -> (logits (B, L, V), kv)`` runs the full window and
-    returns the keys/values of its first n positions; ``with_prefix(x_tail, cond, kv) -> logits (B, L − n, V)``
-    runs the positions n.. attending to kv; ``kv.select(idx)`` keeps the rows idx.
-    """
+    """Fast-dLLM's prefix cache for one block starting at column ``a`` (approximate; see the module doc), through
+    the backbone's KV-cache protocol: ``model_fn.new_kv_cache()``, ``model_fn(x, cond, kv_cache=c, store_kv=True)``
+    (keys/values of every position appended to c), ``c.truncate(n)``, ``c.index_select(rows)``, and
+    ``model_fn(x_tail, cond, kv_cache=c)`` (the tail attends to the cached tokens and to itself; positions continue
+    after the cache)."""
 
     def __init__(self, net: Net, a: int):
-        fn = net.fn
-        if not (hasattr(fn, "prefix_cache") and hasattr(fn, "with_prefix")):
-            raise ValueError("prefix_cache=true needs a backbone with the prefix-cache hook (the DiT has it); this "
-                             "model_fn has none: set prefix_cache=false")
+        if not hasattr(net.fn, "new_kv_cache"):
+            raise ValueError("prefix_cache=true needs a backbone with the KV-cache hook (model_fn.new_kv_cache: the "
+                             "DiT has it); this model_fn has none: set prefix_cache=false")
         self.net, self.a, self.kv, self.rows = net, a, None, None
 
     def __call__(self, xs, t, idx):
-        net, a = self.net, self.a
-        if self.kv is None or a == 0:  # first step of the block: the full window, and keep its prefix
-            out, kv = net.call_with(xs, t, idx, lambda x, c: net.fn.prefix_cache(x, c, a))
-            if a == 0:
-                return out
-            self.kv, self.rows = kv, idx
+        net, a, fn = self.net, self.a, self.net.fn
+        if a == 0:  # nothing before the block: the plain call
+            return net(xs, t, idx)
+        if self.kv is None:  # the block's first step: the full window, keeping the prefix's keys and values
+            cache = fn.new_kv_cache()
+            out = net.call_with(xs, t, idx, lambda x, c: fn(x, c, kv_cache=cache, store_kv=True))
+            self.kv, self.rows = cache.truncate(a), idx
             return out
-        pos = torch.searchsorted(self.rows, idx)
-        kv = self.kv.select(pos)
-        out, _ = net.call_with(xs[:, a:], t, idx, lambda x, c: (net.fn.with_prefix(x, c, kv), None))
-        return out
+        kv = self.kv if idx.numel() == self.rows.numel() else self.kv.index_select(torch.searchsorted(self.rows, idx))
+        return net.call_with(xs[:, a:], t, idx, lambda x, c: fn(x, c, kv_cache=kv))
