@@ -55,8 +55,9 @@ def denoise_first_hitting(objective, net: Net, x: torch.Tensor, generator, *, gr
         if not go.any():
             continue
         ev, r, log_mj = act[go], r[go], log_mj[go]
-        first = torch.exp(log_mj[:, 0])
-        t = time_for_mask_prob(sched, first) if objective.time_conditioning else first
+        # the network sees the state at the first event's time (only a time-conditioned one needs that time)
+        m_first = torch.exp(log_mj[:, 0])
+        t = time_for_mask_prob(sched, m_first) if objective.time_conditioning else torch.ones_like(m_first)
         logits = net(x[ev], t, ev)
         # r distinct positions, uniform among the masked ones
         keys = uniform((ev.numel(), L), generator, dev).masked_fill(~masked[ev], -1.0)

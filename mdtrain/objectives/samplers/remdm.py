@@ -136,5 +136,5 @@ def _record_confidence(objective, logits, before, x, conf, t, s, top_p):
     if b.numel() == 0:
         return
     tt = torch.full((b.numel(),), t, dtype=torch.float64, device=x.device)
-    w = nucleus(objective.reveal_logits(logits[b, l], tt, tt * 0 + s), top_p)
+    w = nucleus(objective.reveal_logits(logits[b, l], tt, torch.full_like(tt, s)), top_p)
     conf[b, l] = torch.softmax(w, dim=-1).gather(1, x[b, l][:, None]).squeeze(1)
