@@ -205,8 +205,8 @@ class SampleConfig:
                                     "backbones (stale within a block: not exact); off by default")
     prefix: str = doc("", "`mdtrain sample`: text every sample starts with (given tokens never change)")
     infill: str = doc("", "`mdtrain sample`: a template of text and <mask> / <mask*N> blanks, e.g. "
-                          "\"def <mask*4>(x): return <mask*8>\"; the text is kept, the blanks and the positions after the "
-                          "template are generated (masked samplers)")
+                          "\"def <mask*4>(x): return <mask*8>\"; the text is kept, the blanks and the positions "
+                          "after the template are generated (masked samplers)")
     stop_at_eos: bool = doc(False, "bd3lm: end each sample at its first generated EOS (variable length; the "
                                    "output length num_strides·stride_length past the model length is the cap)")
     out: str = doc("", "`mdtrain sample`: output JSONL of texts and ids; empty = next to the checkpoint")
