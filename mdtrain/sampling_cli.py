@@ -89,7 +89,7 @@ def main(args) -> int:
     opts = sampler_options(scfg)
     if template is not None:
         opts["prefix"] = template
-    if bundle.objective.causal:
+    if bundle.objective.causal or bundle.objective.first_target:  # ar, shifted diffusion: BOS is the context
         opts["bos_id"] = bundle.tokenizer.bos_id
     if getattr(bundle.objective, "block_size", 0):  # bd3lm: BOS as the context token; EOS may end a sample
         if bundle.objective.ignore_bos:
