@@ -212,3 +212,22 @@ def test_new_samplers_reject_what_they_cannot_do():
         sample(objective("mdlm"), net("mdlm"), 2, L, 10, gen(), sampler="ddpm", guidance=1.0)
     with pytest.raises(ValueError, match="at least one step per block"):
         sample(objective("mdlm"), net("mdlm"), 2, L, 1, gen(), sampler="llada", block_length=1)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 20), ("ddpm_cache", 20), ("first_hitting", 0), ("remdm", 20),
+                                           ("llada", 6), ("fast_dllm", 0)])
+def test_every_masked_sampler_reads_shifted_logits_one_row_late(sampler, steps):
+    """objective.shift: the logits at row i score position i + 1. A network whose row i is sure of token
+    (i + 1) mod 3 must give token j mod 3 at every position j ≥ 1 (and the first token is the given BOS)."""
+    o = build_objective(ObjectiveConfig(name="mdlm", shift=True), VOCAB, MASK)
+
+    def fn(x, cond):
+        rows = torch.arange(x.shape[1])
+        out = torch.full((*x.shape, VOCAB), -30.0)
+        out[:, rows, (rows + 1) % NT] = 30.0
+        return out
+
+    with pytest.raises(ValueError, match="give the first token"):
+        sample(o, fn, 2, 6, steps, gen(), sampler=sampler)
+    x, _ = sample(o, fn, 2, 6, steps, gen(), sampler=sampler, bos_id=2)
+    assert (x[:, 0] == 2).all() and torch.equal(x[:, 1:], (torch.arange(1, 6) % NT).expand(2, 5))
