@@ -20,7 +20,7 @@ from mdtrain.inference import checkpoint_step, load_for_inference
 from mdtrain.objectives.protocol import make_model_fn
 from mdtrain.objectives.samplers import sample
 from mdtrain.parallel.dist import init_distributed
-from mdtrain.sampling_cli import _template, sampler_options
+from mdtrain.sampling_cli import prepared_options
 
 
 class HFScorer:
@@ -74,15 +74,15 @@ def generation_row(bundle, model, step: Optional[int], device) -> dict:
     seqs, nfe, per_sample, info = [], 0, [], {}
     for start in range(0, sc.num_samples, sc.batch_size):
         n = min(sc.batch_size, sc.num_samples - start)
-        opts = sampler_options(sc)
-        template = _template(bundle, sc.prefix, n, cfg.data.seq_len)
-        if template is not None:
-            opts["prefix"] = template.to(device)
-        elif objective.causal or getattr(objective, "ignore_bos", False):  # AR / bd3lm: BOS is the context
-            opts["bos_id"] = tok.bos_id
+        opts = prepared_options(bundle, sc)
+        if "prefix" in opts:
+            opts["prefix"] = opts["prefix"].to(device)
         tokens, info = sample(objective, make_model_fn(model), n, cfg.data.seq_len, sc.steps, gen,
                               sampler=sc.sampler, **opts)
-        seqs += tokens.tolist()
+        rows = tokens.tolist()
+        if "lengths" in info:  # bd3lm with sample.stop_at_eos: each sample ends at its first EOS
+            rows = [row[:k] for row, k in zip(rows, info["lengths"].tolist())]
+        seqs += rows
         nfe += int(info["nfe"])  # network calls (batched)
         per_sample += [int(v) for v in info["nfe_per_sample"].tolist()]  # evaluations each sequence received
     scored = generative_perplexity([tok.decode(s) for s in seqs], load_scorer(cfg.eval.gen_ppl_model, device))

@@ -73,6 +73,23 @@ def build_template(tokenizer, scfg, length: int, causal: bool):
     return torch.tensor([ids])
 
 
+def prepared_options(bundle, scfg) -> dict:
+    """The sampler's keyword options for ``scfg`` as `mdtrain sample` and `mdtrain eval`'s gen-PPL row use them:
+    the sample.* options, the prefix/infill template, BOS as the context token where the objective needs one (ar,
+    the shifted parameterisation, bd3lm with ignore_bos) and EOS for bd3lm's stop_at_eos."""
+    objective, tok = bundle.objective, bundle.tokenizer
+    length = bundle.cfg.data.seq_len + scfg.num_strides * scfg.stride_length
+    template = build_template(tok, scfg, length, objective.causal)
+    opts = sampler_options(scfg)
+    if template is not None:
+        opts["prefix"] = template
+    if objective.causal or objective.first_target or (getattr(objective, "block_size", 0) and objective.ignore_bos):
+        opts["bos_id"] = tok.bos_id
+    if getattr(objective, "block_size", 0) and scfg.stop_at_eos:
+        opts["eos_id"] = tok.eos_id
+    return opts
+
+
 def main(args) -> int:
     bundle = load_for_inference(args.path, overrides=args.overrides)
     cfg, scfg = bundle.cfg, bundle.cfg.sample
@@ -84,18 +101,7 @@ def main(args) -> int:
         from mdtrain.sampling_images import sample_images
         return sample_images(bundle, args.path, model_fn, sampler_options(scfg))
     gen = torch.Generator().manual_seed(scfg.seed)
-    length = cfg.data.seq_len + scfg.num_strides * scfg.stride_length
-    template = build_template(bundle.tokenizer, scfg, length, bundle.objective.causal)
-    opts = sampler_options(scfg)
-    if template is not None:
-        opts["prefix"] = template
-    if bundle.objective.causal or bundle.objective.first_target:  # ar, shifted diffusion: BOS is the context
-        opts["bos_id"] = bundle.tokenizer.bos_id
-    if getattr(bundle.objective, "block_size", 0):  # bd3lm: BOS as the context token; EOS may end a sample
-        if bundle.objective.ignore_bos:
-            opts["bos_id"] = bundle.tokenizer.bos_id
-        if scfg.stop_at_eos:
-            opts["eos_id"] = bundle.tokenizer.eos_id
+    opts = prepared_options(bundle, scfg)
     seqs, nfe, t0, info = [], 0, time.time(), {"sampler": scfg.sampler}
     remaining = scfg.num_samples
     while remaining > 0:

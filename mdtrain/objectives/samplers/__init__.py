@@ -126,8 +126,9 @@ def sample(objective, model_fn, batch_size: int, seq_len: int, steps: int,
             objective, model_fn, x, seq_len, steps, generator, reuse_logits=sampler == "ddpm_cache", top_p=top_p,
             t_min=1e-5 if t_min is None else t_min, eos_id=eos_id, stats=stats,
             noise_removal="greedy" if noise_removal == "auto" else noise_removal)
-        info.update(extra, lengths=lengths)
-    elif sampler == "ar":
+        info.update(extra, lengths=lengths, nfe=stats.nfe, nfe_per_sample=stats.per_sample)
+        return tokens, info
+    if sampler == "ar":
         if stride_length or num_strides:
             raise ValueError("semi-autoregressive strides apply to the masked samplers, not ar")
         x = _template(objective, prefix, batch_size, seq_len, device)
