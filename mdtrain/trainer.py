@@ -248,19 +248,26 @@ class Trainer:
                                 f"training data's tokenizer")
 
     def _build(self) -> None:
-        """Objective and model (identical initial weights on every rank, or ``checkpoint.load_from``'s), then
-        torchtitan's order: tensor parallel -> activation checkpointing -> compile -> the data-parallel engine."""
+        """Objective and model, then torchtitan's order: tensor parallel -> activation checkpointing -> compile ->
+        the data-parallel engine. The backbone is built on the meta device and each engine allocates and fills only
+        the pieces its rank keeps, with initial weights keyed by ``train.seed`` (the same for every engine, world
+        size and TP size); ``checkpoint.load_from`` instead loads whole weights before any wrapping."""
         from mdtrain.models.flops import flops_per_token
+        from mdtrain.modeling import build_deferred
         from mdtrain.parallel import build_engine
 
         cfg, ctx = self.cfg, self.ctx
-        torch.manual_seed(rng.key(0, cfg.train.seed))
-        model, self.objective = build_objective_and_model(cfg, self.tokenizer.vocab_size, self.tokenizer.mask_id,
-                                                          self.seq_len)
+        seed = rng.key(0, cfg.train.seed)
+        torch.manual_seed(seed)
+        vocab, mask_id = self.tokenizer.vocab_size, self.tokenizer.mask_id
+        init = None
         if self.resume_path is None and cfg.checkpoint.load_from:  # weights only, before any wrapping
             from mdtrain.inference import load_for_inference
+            model, self.objective = build_objective_and_model(cfg, vocab, mask_id, self.seq_len, init_seed=seed)
             model.load_state_dict(load_for_inference(cfg.checkpoint.load_from, use_ema=True).model.state_dict())
-        fpt = flops_per_token(cfg.model, self.tokenizer.vocab_size, self.seq_len, causal=self.objective.causal,
+        else:
+            model, self.objective, init = build_deferred(cfg, vocab, mask_id, self.seq_len, init_seed=seed)
+        fpt = flops_per_token(cfg.model, vocab, self.seq_len, causal=self.objective.causal,
                               block_size=getattr(self.objective, "block_size", 0))
         self.flops_per_token = fpt["exact"]
         if cfg.parallel.tp > 1:
@@ -269,9 +276,9 @@ class Trainer:
         if cfg.train.activation_checkpointing or cfg.train.compile:
             from mdtrain.parallel.blocks import wrap_blocks
             wrap_blocks(model, checkpoint=cfg.train.activation_checkpointing, compile=cfg.train.compile)
-        self.engine = build_engine(cfg.parallel, model.to(ctx.device), lambda m: make_adamw(m, cfg.optim), ctx,
+        self.engine = build_engine(cfg.parallel, model, lambda m: make_adamw(m, cfg.optim), ctx,
                                    precision=self.precision, grad_accum=self.accum,
-                                   micro_batch_size=cfg.train.micro_batch_size)
+                                   micro_batch_size=cfg.train.micro_batch_size, init=init)
         if cfg.train.ema > 0:
             self.engine.ema_init()
         self.peak = peak_flops(self.device, self.precision)

@@ -341,13 +341,10 @@ def test_mamba_in_proj_keeps_b_and_c_rows_replicated():
         assert torch.equal(p["blocks.0.mixer.in_proj.bc_weight"], bc)
 
 
-def test_config_rejects_fsdp_and_zero3_with_tp_and_unsplittable_models():
+def test_config_accepts_every_engine_with_tp_and_rejects_unsplittable_models():
     from mdtrain.config import load_config
-    ok = load_config(None, ["parallel.tp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2"])
-    check_config(ok)
-    with pytest.raises(ConfigError, match="fsdp.*DTensor"):
-        check_config(load_config(None, ["parallel.tp=2", "parallel.engine=fsdp"]))
-    with pytest.raises(ConfigError, match="zero_stage=3"):
-        check_config(load_config(None, ["parallel.tp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]))
+    for engine in (["parallel.engine=deepspeed", "parallel.zero_stage=2"], ["parallel.engine=fsdp"],
+                   ["parallel.engine=deepspeed", "parallel.zero_stage=3"], ["parallel.engine=ddp"]):
+        check_config(load_config(None, ["parallel.tp=2"] + engine))
     with pytest.raises(ConfigError, match="n_heads=4 is not divisible by tp=3"):
         check_config(load_config(None, ["parallel.tp=3", "model.flavor=debug"]))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from mdtrain.models.layers import LayerNorm, TimestepEmbedder, Variant, init_linear, modulate, zero_
+from mdtrain.models.init import Init, apply_plan, lecun_trunc_normal, ones, torch_linear, uniform, zeros
+from mdtrain.models.layers import LayerNorm, TimestepEmbedder, Variant, modulate
 
 
 @dataclass(frozen=True)
@@ -65,30 +66,42 @@ class Backbone(nn.Module):
         self.head = nn.Linear(d, vocab_size, bias=v.bias)
 
     # -- initialisation -------------------------------------------------------------------------------------
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter, e.g. after building on the meta device and ``to_empty``.
+    def init_plan(self) -> Dict[str, Init]:
+        """How every parameter starts (name -> distribution; the values are keyed, ``mdtrain.models.init``).
 
-        Linear layers: PyTorch defaults (mdlm) or Flax-style truncated normal (md4, MLP scale 2/n_layers).
-        adaLN modulations and the output head are zero (adaLN-Zero), so the initial logits are all 0: uniform.
-        """
+        Linear layers: PyTorch's defaults, U(+-1/sqrt(fan_in)) for weight and bias (mdlm), or Flax-style truncated
+        normal with zero biases (md4, MLP scale 2/n_layers). LayerNorm scales 1. adaLN modulations and the output
+        head are zero (adaLN-Zero), so the initial logits are all 0: uniform. Subclasses add their own layers'."""
         v = self.dims.variant
         mlp_scale = 2.0 / self.dims.n_layers
+        plan: Dict[str, Init] = {}
         for name, m in self.named_modules():
+            pre = f"{name}." if name else ""
             if isinstance(m, nn.Linear):
-                init_linear(m, v, mlp_scale if ".mlp." in f".{name}" else 1.0)
-            elif m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+                scale = mlp_scale if ".mlp." in f".{name}" else 1.0
+                md4 = v.name == "md4"
+                plan[pre + "weight"] = lecun_trunc_normal(m.in_features, scale) if md4 else torch_linear(m.in_features)
+                if m.bias is not None:
+                    plan[pre + "bias"] = zeros() if md4 else torch_linear(m.in_features)
+            elif isinstance(m, LayerNorm) and m.weight is not None:
+                plan[pre + "weight"] = ones()
+            elif hasattr(m, "init_plan") and m is not self:  # e.g. a Mamba scan direction
+                plan.update({pre + k: val for k, val in m.init_plan().items()})
         d = self.dims.d_model
-        if v.name == "md4":
-            nn.init.normal_(self.embed.weight, std=1 / math.sqrt(d))
-        else:  # MDLM: kaiming_uniform(a=sqrt(5)) on a (V, d) parameter = U(+-1/sqrt(d))
-            nn.init.uniform_(self.embed.weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
-        for blk in self.blocks:
-            if getattr(blk, "adaLN_modulation", None) is not None:
-                zero_(blk.adaLN_modulation)
-        if self.final_adaLN is not None:
-            zero_(self.final_adaLN)
-        zero_(self.head)
+        # MD4: N(0, 1/d); MDLM: kaiming_uniform(a=sqrt(5)) on a (V, d) parameter = U(+-1/sqrt(d))
+        plan["embed.weight"] = Init("normal", 0.0, std=1 / math.sqrt(d)) if v.name == "md4" else uniform(1 / math.sqrt(d))
+        zeroed = [blk.adaLN_modulation for blk in self.blocks if getattr(blk, "adaLN_modulation", None) is not None]
+        zeroed += [m for m in (self.final_adaLN, self.head) if m is not None]
+        names = {id(m): n for n, m in self.named_modules()}
+        for m in zeroed:
+            for pname, _ in m.named_parameters(recurse=False):
+                plan[f"{names[id(m)]}.{pname}"] = zeros()
+        return plan
+
+    def init_weights(self, seed: Optional[int] = None) -> int:
+        """(Re)initialise every parameter from ``init_plan`` with keyed values (``seed`` None: one drawn from
+        torch's global generator). Parameters on the meta device are skipped. Returns the seed."""
+        return apply_plan(self, self.init_plan(), seed)
 
     def set_train_step(self, step: int) -> None:
         """The optimizer step about to be taken, for backbones whose training forward depends on it (the Llama

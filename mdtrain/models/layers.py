@@ -150,20 +150,3 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     sin = sin[None, :, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def init_linear(layer: nn.Linear, variant: Variant, scale: float = 1.0) -> None:
-    """PyTorch's default Linear init for mdlm (what MDLM uses); for md4 Flax's truncated-normal fan-in variance
-    scaling (LeCun normal; the MLP uses scale 2/n_layers, as MD4's transformer)."""
-    if variant.name == "md4":
-        std = math.sqrt(scale / layer.in_features) / 0.87962566103423978  # truncated-normal std correction
-        nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
-        if layer.bias is not None:
-            nn.init.zeros_(layer.bias)
-    else:
-        layer.reset_parameters()
-
-
-def zero_(layer: nn.Module) -> None:
-    for p in layer.parameters(recurse=False):
-        nn.init.zeros_(p)

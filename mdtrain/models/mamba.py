@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mdtrain.models.backbone import Backbone, ModelDims, per_position
+from mdtrain.models.init import Init, apply_plan, ones, torch_linear
 from mdtrain.models.layers import LayerNorm, branch_dropout, modulate
 
 EXPAND = 2          # d_inner = EXPAND * d_model (Mamba default)
@@ -127,16 +128,15 @@ class SSMDirection(nn.Module):
         self.norm_weight = nn.Parameter(torch.empty(d_inner))
         self.reset_parameters()
 
-    @torch.no_grad()
+    def init_plan(self) -> dict:
+        """Mamba-2's init: dt log-uniform in [1e-3, 0.1] (stored as softplus^-1), A uniform in [1, 16], D = 1, the
+        gated norm's weight 1; the depthwise conv as PyTorch's default (U(+-1/sqrt(kernel)))."""
+        conv = torch_linear(self.conv1d.kernel_size[0])  # fan_in of a depthwise conv: 1 channel x kernel
+        return {"conv1d.weight": conv, "conv1d.bias": conv, "dt_bias": Init("mamba_dt", 1e-3, 0.1),
+                "A_log": Init("log_uniform", 1.0, 16.0), "D": ones(), "norm_weight": ones()}
+
     def reset_parameters(self):
-        """Mamba-2's init: dt log-uniform in [1e-3, 0.1] (stored as softplus^-1), A uniform in [1, 16], D = 1."""
-        self.conv1d.reset_parameters()
-        u = torch.rand(self.n_heads, device=self.dt_bias.device)
-        dt = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log.copy_(torch.log(torch.empty(self.n_heads, device=self.A_log.device).uniform_(1, 16)))
-        self.D.fill_(1.0)
-        self.norm_weight.fill_(1.0)
+        apply_plan(self, self.init_plan())
 
     def forward(self, xbc: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None, backend: str):
         """xbc (b, l, d_inner + 2n) and raw dt (b, l, h), in scan order. Returns y (b, l, d_inner) before gating."""

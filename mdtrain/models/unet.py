@@ -24,6 +24,7 @@ suppress it), so the initial logits are 0: uniform.
 from __future__ import annotations
 
 import math
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -31,16 +32,11 @@ import torch.nn.functional as F
 
 from mdtrain.models.attention import attention, resolve_backend
 from mdtrain.models.backbone import ModelDims
+from mdtrain.models.init import Init, apply_plan, lecun_trunc_normal, ones, zeros
 
 GROUPS = 32
 GN_EPS = 1e-6
 TIME_SCALE = 1000.0  # MD4 embeds t·1000
-_TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
-
-
-def _lecun_(weight: torch.Tensor, fan_in: int) -> None:
-    std = math.sqrt(1.0 / fan_in) / _TRUNC_STD
-    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
 def _group_norm(ch: int) -> nn.GroupNorm:
@@ -137,24 +133,30 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(d, c * vocab_size, 3, padding=1)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """Flax's defaults (LeCun-normal kernels, zero biases, N(0, 1/F) embeddings); zero-init where MD4 has it."""
-        for m in self.modules():
+    def init_plan(self) -> Dict[str, Init]:
+        """Flax's defaults (LeCun-normal kernels, zero biases, N(0, 1/F) embeddings, GroupNorm 1 / 0); zero-init
+        where MD4 has it (each residual block's conditioning projection and second conv, the output conv)."""
+        plan: Dict[str, Init] = {}
+        for name, m in self.named_modules():
+            pre = f"{name}." if name else ""
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                _lecun_(m.weight, m.weight[0].numel())
+                plan[pre + "weight"] = lecun_trunc_normal(m.weight[0].numel())
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    plan[pre + "bias"] = zeros()
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=1 / math.sqrt(m.embedding_dim))
+                plan[pre + "weight"] = Init("normal", 0.0, std=1 / math.sqrt(m.embedding_dim))
             elif isinstance(m, nn.GroupNorm):
-                m.reset_parameters()
-        for blk in self.blocks:
+                plan[pre + "weight"], plan[pre + "bias"] = ones(), zeros()
+        for i, blk in enumerate(self.blocks):
             if isinstance(blk, ResBlock):
-                nn.init.zeros_(blk.cond_proj.weight)
-                nn.init.zeros_(blk.conv2.weight)
-                nn.init.zeros_(blk.conv2.bias)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+                for pname in ("cond_proj.weight", "conv2.weight", "conv2.bias"):
+                    plan[f"blocks.{i}.{pname}"] = zeros()
+        plan["head.weight"], plan["head.bias"] = zeros(), zeros()
+        return plan
+
+    def init_weights(self, seed: Optional[int] = None) -> int:
+        """(Re)initialise every parameter from ``init_plan`` with keyed values (see ``Backbone.init_weights``)."""
+        return apply_plan(self, self.init_plan(), seed)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:

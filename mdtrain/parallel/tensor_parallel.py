@@ -19,7 +19,8 @@ process groups.
 
 Megatron's layers run on CPU with ``use_cpu_initialization=True``; the weights are never initialised by
 Megatron but cut from the single-device model (``tensor_parallel_layout``), so a TP model starts exactly where
-the single-device one does. Megatron's CUDA RNG tracker serves dropout inside TP regions on GPU; on CPU a
+the single-device one does. A model on the meta device (deferred init) gets its layers on the meta device: the
+engine then fills this rank's pieces with the single-device values (``meta_init``). Megatron's CUDA RNG tracker serves dropout inside TP regions on GPU; on CPU a
 keyed generator does the same job (``region_rng``). Sequence parallelism is not used (Megatron's needs CUDA).
 """
 from __future__ import annotations
@@ -371,6 +372,7 @@ def apply_tensor_parallel(model: nn.Module, ctx, objective) -> nn.Module:
     rank = dist.get_rank(tp_group)
     ref = model.embed.weight
     device, dtype = ref.device, ref.dtype
+    meta = device.type == "meta"  # deferred init: the layers are swapped on the meta device, filled by the engine
     cfg = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                               perform_initialization=False, params_dtype=dtype, sequence_parallel=False,
                               gradient_accumulation_fusion=False)
@@ -387,31 +389,33 @@ def apply_tensor_parallel(model: nn.Module, ctx, objective) -> nn.Module:
     shard = VocabShard.of(vocab, rank, tp, tp_group)
     padded = shard.padded * tp  # Megatron's vocabulary padded to a multiple of tp
     tied = model.head.weight is model.embed.weight
-    model.embed = VocabEmbedding(padded, model.dims.d_model, **kw)
-    model.head = VocabHead(model.head.in_features, padded, bias=model.head.bias is not None, gather_output=False,
-                           width=shard.width, **kw)
-    if tied:  # both hold the same vocabulary rows on a rank, so the tie survives the split
-        model.head.weight = model.embed.weight
-    if model.final_adaLN is not None:
-        model.final_adaLN = col(model.final_adaLN, GatheredColumnLinear)
-    for m in list(model.modules()):
-        if isinstance(m, SelfAttention):
-            m.qkv, m.out = col(m.qkv), row(m.out)
-            m.__class__ = TPSelfAttention  # same attributes and names; only forward's RNG handling differs
-            m._tp_rank = rank
-        elif isinstance(m, GroupedAttention):  # whole key/value groups per rank (qkv rows laid out per group)
-            m.qkv, m.out = col(m.qkv), row(m.out)
-        elif isinstance(m, (MLP, LlamaMLP)):
-            m.fc1, m.fc2 = col(m.fc1), row(m.fc2)
-            if m.gate is not None:
-                m.gate = col(m.gate)
-        elif isinstance(m, BiMamba):
-            _split_mamba(m, tp, tp_group, kw)
-        if isinstance(getattr(m, "adaLN_modulation", None), nn.Linear):
-            m.adaLN_modulation = col(m.adaLN_modulation, GatheredColumnLinear)
-    local = layout.shard_state_dict(full_state, rank, tp)
-    model.to(device=device, dtype=dtype)
-    model.load_state_dict(local, strict=True)  # every new layer gets exactly its cut of the single-device weights
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model.embed = VocabEmbedding(padded, model.dims.d_model, **kw)
+        model.head = VocabHead(model.head.in_features, padded, bias=model.head.bias is not None,
+                               gather_output=False, width=shard.width, **kw)
+        if tied:  # both hold the same vocabulary rows on a rank, so the tie survives the split
+            model.head.weight = model.embed.weight
+        if model.final_adaLN is not None:
+            model.final_adaLN = col(model.final_adaLN, GatheredColumnLinear)
+        for m in list(model.modules()):
+            if isinstance(m, SelfAttention):
+                m.qkv, m.out = col(m.qkv), row(m.out)
+                m.__class__ = TPSelfAttention  # same attributes and names; only forward's RNG handling differs
+                m._tp_rank = rank
+            elif isinstance(m, GroupedAttention):  # whole key/value groups per rank (qkv rows laid out per group)
+                m.qkv, m.out = col(m.qkv), row(m.out)
+            elif isinstance(m, (MLP, LlamaMLP)):
+                m.fc1, m.fc2 = col(m.fc1), row(m.fc2)
+                if m.gate is not None:
+                    m.gate = col(m.gate)
+            elif isinstance(m, BiMamba):
+                _split_mamba(m, tp, tp_group, kw)
+            if isinstance(getattr(m, "adaLN_modulation", None), nn.Linear):
+                m.adaLN_modulation = col(m.adaLN_modulation, GatheredColumnLinear)
+    if not meta:
+        local = layout.shard_state_dict(full_state, rank, tp)
+        model.to(device=device, dtype=dtype)
+        model.load_state_dict(local, strict=True)  # every new layer gets exactly its cut of the single-device weights
     _mark_split(model, layout, tp)
     model._mdtrain_tp = TPInfo(size=tp, rank=rank, group=tp_group, dp_group=dp_group, layout=layout, vocab=shard,
                                dropout=model.dims.dropout)

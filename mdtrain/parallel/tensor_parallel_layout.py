@@ -90,6 +90,18 @@ class TensorLayout:
             out[self.replicated_name] = torch.cat(rep, dim=self.dim).contiguous()
         return out
 
+    def local_index(self, rank: int, tp: int) -> Dict[str, torch.Tensor]:
+        """Per local tensor, the index along ``dim`` into the full tensor of each of its rows (-1: padding): what
+        ``shard`` cuts, without the data (deferred init fills a rank's pieces from these)."""
+        n = self.segments_total()
+        shape = [1] * (self.dim + 1)
+        shape[self.dim] = n
+        pos = torch.arange(1, n + 1, dtype=torch.int64).view(shape)
+        return {k: v.reshape(-1) - 1 for k, v in self.shard(pos, rank, tp).items()}
+
+    def segments_total(self) -> int:
+        return sum(s.size for s in self.segments)
+
     # -- pieces -> full ----------------------------------------------------------------------------------------
     def merge(self, per_rank: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
         """The full tensor from every rank's tensors (``per_rank[r]`` maps local names to rank r's tensors)."""
@@ -194,6 +206,15 @@ class ModelLayout:
             out.update(self.pieces(name, tp))
         return out
 
+    def cut(self, local: str, rank: int, tp: int) -> Tuple[str, Optional[int], Optional[torch.Tensor]]:
+        """(full name, dim, index along dim into the full tensor, -1 = padding) of a local tensor of a rank of a
+        ``tp``-way model; dim and index are None for a tensor held whole."""
+        full = self.full_name(local)
+        t = self.tensors.get(full)
+        if tp == 1 or t is None:
+            return full, None, None
+        return full, t.dim, t.local_index(rank, tp)[local]
+
     def full_name(self, local: str) -> str:
         """The single-device tensor a local tensor belongs to."""
         for t in self.tensors.values():
@@ -236,18 +257,6 @@ def check_config(cfg) -> None:
         raise ConfigError(f"parallel.tp must be >= 1, got {tp}")
     if tp == 1:
         return
-    if cfg.parallel.engine == "fsdp":
-        raise ConfigError(
-            f"parallel.engine=fsdp with parallel.tp={tp} is not supported: mdtrain's tensor parallelism uses "
-            f"Megatron-core layers, whose shards are plain tensors; FSDP2 composes with tensor parallelism only "
-            f"through DTensor, and its checkpoints and gradient norms could not tell the TP shards apart. Use "
-            f"parallel.engine=deepspeed (ZeRO-1/2 over the data-parallel group) or parallel.engine=ddp with tp > 1, "
-            f"or fsdp with parallel.tp=1")
-    if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
-        raise ConfigError(
-            f"parallel.zero_stage=3 with parallel.tp={tp} is not supported: ZeRO-3 partitions the parameters "
-            f"themselves and would re-partition the Megatron TP shards; use parallel.zero_stage=1 or 2 (optimizer "
-            f"state and gradients partitioned over the data-parallel group) with tensor parallelism")
     from mdtrain.models.flavors import resolve
     dims = resolve(cfg.model)
     problems = model_problems(dims, tp)

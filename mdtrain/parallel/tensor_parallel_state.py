@@ -38,7 +38,9 @@ def layout_of(module: torch.nn.Module) -> ModelLayout:
     info = tp_of(module)
     if info is not None:
         return info.layout
-    return ModelLayout.from_shapes({k: v.shape for k, v in module.state_dict().items()})
+    # ZeRO-3 parameters hold an empty tensor between uses; their shape is ds_shape
+    return ModelLayout.from_shapes({k: getattr(v, "ds_shape", v.shape)
+                                    for k, v in module.state_dict(keep_vars=True).items()})
 
 
 def engine_clip(module: torch.nn.Module, max_norm: float, fallback) -> float:
@@ -46,7 +48,9 @@ def engine_clip(module: torch.nn.Module, max_norm: float, fallback) -> float:
     info = tp_of(module)
     if info is None:
         return fallback(list(module.parameters()), max_norm)
-    return clip_grad_norm(module.parameters(), max_norm, info.group)
+    split = info.layout.split_set(info.size)
+    return clip_grad_norm([(n in split, p) for n, p in module.named_parameters()], max_norm, info.group,
+                          first=info.rank == 0)
 
 
 def engine_checkpoint_state(module: torch.nn.Module, state: dict) -> dict:
@@ -75,38 +79,46 @@ def engine_load(module: torch.nn.Module, state: dict, path: str, old_tp: int, **
     return out
 
 
-def engine_full_state_dict(module: torch.nn.Module) -> Tensors:
-    """Single-device weights of a TP model on every rank (collective over its TP group)."""
-    return full_state_dict(module, tp_of(module))
+def engine_full_state_dict(module: torch.nn.Module, keep: bool = True) -> Tensors:
+    """Single-device weights of a TP model where ``keep`` ({} elsewhere). Collective over its TP group (and the
+    data-parallel mesh for FSDP2)."""
+    return full_state_dict(module, tp_of(module), keep)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # gradient norm
 
 
-def is_split(p: torch.Tensor) -> bool:
-    """True for a parameter whose values differ between TP ranks (Megatron's ``tensor_model_parallel`` flag)."""
-    return bool(getattr(p, "tensor_model_parallel", False))
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2), a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
-def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, tp_group) -> float:
-    """The global L2 gradient norm of a TP model (split gradients summed over TP ranks, replicated ones counted
-    once), then clip in place as ``torch.nn.utils.clip_grad_norm_`` does; every rank returns the same norm.
+def clip_grad_norm(params, max_norm: float, tp_group, first: bool) -> float:
+    """The global L2 gradient norm of a TP model, then clip in place as ``torch.nn.utils.clip_grad_norm_`` does;
+    every rank returns the same norm. ``params``: (split, parameter) pairs, ``split`` True for a parameter whose
+    values differ between TP ranks (summed over them) and False for a replicated one (counted once: on the first
+    TP rank, ``first``).
 
-    Gradients must already be reduced over data-parallel ranks (after DDP's all-reduce)."""
-    params = [p for p in params if p.grad is not None]
-    first = dist.get_rank(tp_group) == 0
-    dev = params[0].grad.device if params else torch.device("cpu")
+    Plain gradients must already be reduced over data-parallel ranks (after DDP's all-reduce) and are summed over
+    the TP group; FSDP2's sharded gradients (DTensors over the data-parallel mesh) are summed over every rank."""
+    params = [(split, p) for split, p in params if p.grad is not None]
+    sharded = any(hasattr(p.grad, "to_local") for _, p in params)
+    grads = [_local(p.grad) for _, p in params]
+    dev = grads[0].device if grads else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for p in params:
-        if is_split(p) or first:  # replicated gradients are identical on every TP rank: count them once
-            sq += p.grad.detach().double().pow(2).sum()
-    dist.all_reduce(sq, group=tp_group)
+    for (split, _), g in zip(params, grads):
+        if split or first:  # replicated gradients are identical on every TP rank: count them once
+            sq += g.detach().double().pow(2).sum()
+    if sharded:  # dp shards x TP ranks = the whole mesh
+        dist.all_reduce(sq)
+    else:
+        dist.all_reduce(sq, group=tp_group)
     norm = float(sq.sqrt())
     if max_norm > 0 and math.isfinite(norm):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
-            torch._foreach_mul_([p.grad for p in params], coef)
+            torch._foreach_mul_(grads, coef)
     return norm
 
 
@@ -114,28 +126,38 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, tp_gro
 # full <-> local state dicts
 
 
-def gather_full(local: Mapping[str, torch.Tensor], layout: ModelLayout, tp_group) -> Tensors:
-    """The single-device state dict (CPU, detached) from every TP rank's ``local``; collective over ``tp_group``,
-    every rank gets the result. Pieces of one tensor have the same shape on all ranks (vocab rows are padded)."""
+def gather_full(local: Mapping[str, torch.Tensor], layout: ModelLayout, tp_group, keep: bool = True) -> Tensors:
+    """The single-device state dict (CPU, detached) from every TP rank's ``local``; collective over ``tp_group``
+    (and over the data-parallel mesh for FSDP2's DTensors, which are gathered first). Returns it where ``keep``
+    ({} elsewhere; only one tensor is ever held there at a time). Pieces of one tensor have the same shape on all
+    TP ranks (vocab rows are padded)."""
     size = dist.get_world_size(tp_group)
-    per_rank: List[Tensors] = [dict() for _ in range(size)]
     split = layout.split_set(size)
+    by_full: Dict[str, List[str]] = {}
     for name in sorted(local):
-        t = local[name].detach()
-        if name in split:
-            parts = [torch.empty_like(t) for _ in range(size)]
-            dist.all_gather(parts, t.contiguous(), group=tp_group)
+        by_full.setdefault(layout.full_name(name), []).append(name)
+    out: Tensors = {}
+    for full, names in by_full.items():
+        per_rank: List[Tensors] = [dict() for _ in range(size)]
+        for name in names:
+            t = local[name].detach()
+            if hasattr(t, "full_tensor"):
+                t = t.full_tensor()
+            if name in split:
+                parts = [torch.empty_like(t) for _ in range(size)]
+                dist.all_gather(parts, t.contiguous(), group=tp_group)
+            else:
+                parts = [t] * size
             for r in range(size):
                 per_rank[r][name] = parts[r].cpu()
-        else:
-            for r in range(size):
-                per_rank[r][name] = t.cpu()
-    return layout.merge_state_dicts(per_rank)
+        if keep:
+            out.update(layout.merge_state_dicts(per_rank))
+    return out
 
 
-def full_state_dict(module: torch.nn.Module, info) -> Tensors:
-    """The single-device state dict of a TP model (names and shapes as without TP). Collective over TP ranks."""
-    return gather_full(module.state_dict(), info.layout, info.group)
+def full_state_dict(module: torch.nn.Module, info, keep: bool = True) -> Tensors:
+    """The single-device state dict of a TP model (names and shapes as without TP), where ``keep``. Collective."""
+    return gather_full(module.state_dict(), info.layout, info.group, keep)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,43 +241,76 @@ def _relayout(loaded: Mapping[str, torch.Tensor], layout: ModelLayout, old_tp: i
     out = {}
     for n, t in like.items():
         v = scalars[layout.full_name(n)] if t.dim() == 0 else local[n]
-        out[n] = v.to(device=t.device, dtype=t.dtype).clone()
+        out[n] = _placed_like(v, t)
+    return out
+
+
+def _placed_like(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``v`` (a whole local tensor) cast and placed like ``t``: for an FSDP2 DTensor, this rank's shard of it
+    (cut locally, no communication)."""
+    if hasattr(t, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(v.to(device=t.device, dtype=t.dtype), t.device_mesh, t.placements,
+                                 src_data_rank=None)
+    return v.to(device=t.device, dtype=t.dtype).clone()
+
+
+def _batches(layout: ModelLayout, fulls, budget: int) -> List[List[str]]:
+    """Full tensor names in groups of at most ``budget`` bytes (fp32) each (one tensor alone may exceed it)."""
+    out: List[List[str]] = []
+    size = budget
+    for full in fulls:
+        n = 4 * int(torch.Size(layout.shapes[full]).numel())
+        if size + n > budget:
+            out.append([])
+            size = 0
+        out[-1].append(full)
+        size += n
     return out
 
 
 def load_resharded(path: str, layout: ModelLayout, old_tp: int, rank: int, tp: int, current: dict,
-                   **dcp_kwargs) -> dict:
+                   budget: int = 1 << 28, **dcp_kwargs) -> dict:
     """Read a DCP checkpoint written by ``old_tp`` TP ranks into this rank's pieces at ``tp``.
 
     ``current`` is the engine's dict for this process ({"model", "optim", "ema"}, current names and shapes) and
-    gives structure, dtypes and devices. Returns a dict of that structure holding the checkpoint's values; the
-    optimizer's ``param_groups`` stay this process's (hyperparameters come from the config, and parameter names
-    differ between layouts). Every rank reads the whole model: the one-off cost of changing the layout."""
+    gives structure, dtypes and devices (FSDP2 DTensors get this rank's shard). Returns a dict of that structure
+    holding the checkpoint's values; the optimizer's ``param_groups`` stay this process's (hyperparameters come
+    from the config, and parameter names differ between layouts). Tensors are read, merged and re-cut a group of
+    at most ``budget`` bytes (per family) at a time, so a rank holds its own pieces plus one such group."""
     families = {key: current[key] for key in ("model", "ema") if key in current}
     if "optim" in current:  # AdamW's per-parameter {"step", "exp_avg", "exp_avg_sq"}: one family per state key
         states = current["optim"]["state"]
         for k in sorted({k for st in states.values() for k in st}):
             families[("optim", k)] = {n: st[k] for n, st in states.items() if k in st}
-    templates = {key: _template(layout, old_tp, like) for key, like in families.items()}
-    request = {key: templates[key] for key in ("model", "ema") if key in templates}
-    if "optim" in current:
-        request["optim"] = {"state": {}}
+    fulls = sorted({layout.full_name(n) for like in families.values() for n in like})
+    new: Dict[object, Tensors] = {key: {} for key in families}
+    for batch in _batches(layout, fulls, budget):
+        chosen = set(batch)
+        likes = {key: {n: v for n, v in like.items() if layout.full_name(n) in chosen}
+                 for key, like in families.items()}
+        templates = {key: _template(layout, old_tp, like) for key, like in likes.items() if like}
+        request = {key: templates[key] for key in ("model", "ema") if key in templates}
+        optim = {}
         for key, tmpl in templates.items():
             if isinstance(key, tuple):
                 for ck, t in tmpl.items():
-                    request["optim"]["state"].setdefault(ck, {})[key[1]] = t
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp_load(request, path, **dcp_kwargs)
+                    optim.setdefault(ck, {})[key[1]] = t
+        if optim:
+            request["optim"] = {"state": optim}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            dcp_load(request, path, **dcp_kwargs)
+        for key, tmpl in templates.items():
+            new[key].update(_relayout(tmpl, layout, old_tp, rank, tp, likes[key]))
     out = dict(current)
     optim_state: Dict[str, dict] = {}
-    for key, like in families.items():
-        new = _relayout(templates[key], layout, old_tp, rank, tp, like)
+    for key, values in new.items():
         if isinstance(key, tuple):
-            for n, v in new.items():
+            for n, v in values.items():
                 optim_state.setdefault(n, {})[key[1]] = v
         else:
-            out[key] = new
+            out[key] = values
     if "optim" in current:
         out["optim"] = dict(current["optim"], state=optim_state)
     return out

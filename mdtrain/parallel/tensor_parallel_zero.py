@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2 checkpoints of tensor-parallel models at another TP size, and consolidated.
+"""DeepSpeed ZeRO checkpoints of tensor-parallel models at another TP or DP size, and consolidated.
 
 DeepSpeed writes one model file per TP rank (``mp_rank_XX``) and one optimizer partition per (DP, TP) rank; at
 the same layout it reloads them itself. For another TP size (or one plain process) the checkpoint goes through
@@ -6,7 +6,9 @@ DeepSpeed's universal format (``ds_to_universal``), whose per-parameter files ho
 concatenated along dim 0 (mdtrain passes no Megatron merge patterns). Here those pieces are merged into the
 single-device tensors (``tensor_parallel_layout``), cut for the new TP size, and written back concatenated along
 dim 0, which DeepSpeed's universal loader splits evenly by TP rank: fp32 master weights, AdamW moments and step
-all follow. The EMA fragments (per global rank, ``ema/rank_XXXXX.pt``) are re-laid-out the same way.
+all follow. ZeRO-3's universal loader does not cut TP pieces of Megatron layers, so for ZeRO-3 x TP each TP rank
+gets a folder of its own local tensors (``split_universal_by_tp``), which the loader partitions over the rank's
+data-parallel group. The EMA fragments (per global rank, ``ema/rank_XXXXX.pt``) are re-laid-out the same way.
 """
 from __future__ import annotations
 
@@ -73,6 +75,40 @@ def relayout_universal(zero_dir: str, layout: ModelLayout, old_tp: int, new_tp: 
         for state, value in files.items():
             if value is not None:
                 torch.save(value, os.path.join(zero_dir, m, f"{state}.pt"))
+
+
+def split_universal_by_tp(zero_dir: str, layout: ModelLayout, tp: int) -> None:
+    """ZeRO-3 x TP: next to a universal ``zero/`` folder already laid out for ``tp`` ranks (``relayout_universal``),
+    write ``tp{r}/zero/`` holding TP rank r's own local tensors, which DeepSpeed's ZeRO-3 universal loader then
+    partitions over that rank's data-parallel group (it does not cut TP pieces itself for Megatron layers)."""
+    split = layout.split_set(tp)
+    root = os.path.dirname(zero_dir)
+    for r in range(tp):
+        os.makedirs(os.path.join(root, f"tp{r}", "zero"), exist_ok=True)
+        shutil.copy2(os.path.join(zero_dir, "optimizer_state.pt"), os.path.join(root, f"tp{r}", "zero"))
+    for n in sorted(os.listdir(zero_dir)):
+        src = os.path.join(zero_dir, n)
+        if not os.path.isdir(src):
+            continue
+        for f in sorted(os.listdir(src)):
+            rec = _load(os.path.join(src, f))
+            for r in range(tp):
+                out = os.path.join(root, f"tp{r}", "zero", n)
+                os.makedirs(out, exist_ok=True)
+                if isinstance(rec, dict) and n in split:
+                    rec_r = dict(rec, param=rec["param"].chunk(tp, dim=0)[r].clone())
+                else:
+                    rec_r = rec
+                torch.save(rec_r, os.path.join(out, f))
+
+
+def load_zero3_universal(optimizer, folder: str) -> None:
+    """Load a ZeRO-3 optimizer (fp32 partitions, AdamW moments, step) from a universal folder holding this TP
+    rank's tensors (``split_universal_by_tp``), around DeepSpeed's checkpoint prologue / epilogue (which release
+    and re-gather the persistent parameters)."""
+    optimizer.checkpoint_event_prologue()
+    optimizer.load_hp_checkpoint_state_from_checkpoint_dir_stage3(folder)
+    optimizer.checkpoint_event_epilogue()
 
 
 def universal_full_weights(zero_dir: str, layout: ModelLayout, old_tp: int) -> Dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import mdtrain.parallel.tensor_parallel_state as tp_state
 from mdtrain.parallel.dist import DistContext, ensure_process_group
 from mdtrain.parallel.engines.base import Engine, clip_and_norm, fp32_cpu
+from mdtrain.parallel.meta_init import materialize_fsdp, materialize_whole
 
 
 class Autocast(nn.Module):
@@ -139,8 +140,8 @@ class DCPEngine(Engine):
             set_model_state_dict(self.module, state["model"])
 
     def _full_state_dict(self) -> Dict[str, torch.Tensor]:
-        if tp_state.tp_of(self.module) is not None:
-            sd = tp_state.engine_full_state_dict(self.module)
+        if tp_state.tp_of(self.module) is not None:  # FSDP2 x TP: gathered over dp, then merged over TP
+            sd = tp_state.engine_full_state_dict(self.module, keep=self.ctx.is_main)
         else:
             sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return fp32_cpu(sd) if self.ctx.is_main else {}
@@ -151,8 +152,10 @@ class DDPEngine(DCPEngine):
 
     name = "ddp"
 
-    def __init__(self, pcfg, model: nn.Module, make_optimizer, ctx: DistContext, precision: str):
+    def __init__(self, pcfg, model: nn.Module, make_optimizer, ctx: DistContext, precision: str, init=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
+        if init is not None:  # built on the meta device: every rank keeps its (TP-local) parameters whole
+            materialize_whole(model, init, ctx.device)
         model.to(ctx.device)
         fwd = Autocast(model, ctx.device.type) if precision == "bf16" else model
         if ctx.mesh is not None:
@@ -171,26 +174,29 @@ class DDPEngine(DCPEngine):
 
 
 class FSDPEngine(DCPEngine):
-    """FSDP2: ``fully_shard`` on every block of ``model.blocks`` and on the root.
+    """FSDP2: ``fully_shard`` on every block of ``model.blocks`` and on the root, over the data-parallel mesh
+    dimension; under tensor parallelism each TP rank's (Megatron-local) parameters are sharded over the
+    data-parallel group of that TP rank, so gradients are reduced over dp only.
 
-    Gradients are reduce-scattered after every micro-batch (no_sync is a no-op): that keeps them sharded, at the
-    cost of one reduce-scatter per micro-batch, as torchtitan does."""
+    Gradients are reduced (as sums) after every micro-batch (no_sync is a no-op): that keeps them sharded, at the
+    cost of one reduce-scatter per micro-batch, as torchtitan does.
+
+    Parameters an objective uses outside the model's forward (``model.objective``, GenMD4's schedule) are a
+    group of their own in fp32, kept gathered between engine calls (re-gathered after every backward, step,
+    weight swap and state-dict use); their gradients are reduce-scattered with the rest when the backward ends."""
 
     name = "fsdp"
 
-    def __init__(self, pcfg, model: nn.Module, make_optimizer, ctx: DistContext, precision: str):
+    def __init__(self, pcfg, model: nn.Module, make_optimizer, ctx: DistContext, precision: str, init=None):
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-        if ctx.tp_size > 1:  # why: tensor_parallel_layout.check_config
-            raise ValueError(f"parallel.engine=fsdp does not run with parallel.tp={ctx.tp_size}: the Megatron TP "
-                             f"shards are plain tensors, which FSDP2 cannot tell apart; use engine=deepspeed "
-                             f"(zero_stage 1 or 2) or engine=ddp with tensor parallelism")
         blocks = getattr(model, "blocks", None)
         if not isinstance(blocks, nn.ModuleList):
             raise TypeError(f"parallel.engine=fsdp shards per block and needs model.blocks (an nn.ModuleList); "
                             f"{type(model).__name__} has none")
         ensure_process_group(ctx)
-        model.to(ctx.device)
-        broadcast_module(model, ctx)
+        if init is None:
+            model.to(ctx.device)
+            broadcast_module(model, ctx)
         kw = {"mesh": ctx.mesh["dp"], "reshard_after_forward": pcfg.reshard_after_forward}
         root_kw = dict(kw)
         if precision == "bf16" and pcfg.mixed_precision:
@@ -200,15 +206,67 @@ class FSDPEngine(DCPEngine):
                                                         output_dtype=torch.float32)
         if pcfg.offload_optimizer:
             kw["offload_policy"] = root_kw["offload_policy"] = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda")
+        objective = getattr(model, "objective", None)
+        if isinstance(objective, nn.Module) and any(True for _ in objective.parameters()):
+            obj_kw = {k: v for k, v in kw.items() if k != "mp_policy"}  # the schedule stays fp32
+            fully_shard(objective, **obj_kw)
+        else:
+            objective = None
         for block in blocks:
             fully_shard(block, **kw)
         fully_shard(model, **root_kw)
+        if init is not None:  # built on the meta device: allocate and fill this rank's shards only
+            materialize_fsdp(model, init, ctx.device)
         self._fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         for m in self._fsdp_modules:  # sum over ranks, not mean; plain SUM (gloo has no PREMUL_SUM), no division
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
+        self._objective = objective
         fwd = Autocast(model, ctx.device.type) if precision == "bf16" and not pcfg.mixed_precision else model
         super().__init__(ctx, fwd, model, make_optimizer(model), precision)
+        self._gather_objective()
+
+    # ---- the objective's parameters, used outside the forward ---------------------------------------------------
+    def _gather_objective(self) -> None:
+        """Re-gather the objective's parameters from their (current) shards."""
+        if self._objective is not None:
+            self._objective.reshard()
+            self._objective.unshard()
+
+    @contextlib.contextmanager
+    def _objective_sharded(self):
+        """The objective's sharded parameters registered (what the optimizer, norms, EMA and state dicts see),
+        gathered again afterwards."""
+        if self._objective is not None:
+            self._objective.reshard()
+        try:
+            yield
+        finally:
+            self._gather_objective()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        super().backward(loss)
+        self._gather_objective()  # the backward's end resharded them (and reduce-scattered their gradients)
+
+    def step(self, max_norm: float, skip: bool = False) -> float:
+        with self._objective_sharded():
+            return super().step(max_norm, skip)
+
+    def ema_init(self) -> None:
+        with self._objective_sharded():
+            super().ema_init()
+
+    def save_checkpoint(self, path: str, client_state: dict, async_save: bool = False) -> None:
+        with self._objective_sharded():
+            super().save_checkpoint(path, client_state, async_save)
+
+    def load_checkpoint(self, path: str) -> dict:
+        with self._objective_sharded():
+            return super().load_checkpoint(path)
+
+    def full_state_dict(self, ema: bool = False) -> Dict[str, torch.Tensor]:
+        with self._objective_sharded():
+            return super().full_state_dict(ema)
 
     def _ema_live(self) -> Dict[str, torch.Tensor]:
         return {n: p.to_local() for n, p in self.module.named_parameters() if p.requires_grad}
@@ -216,6 +274,7 @@ class FSDPEngine(DCPEngine):
     def _weights_changed(self) -> None:
         for m in self._fsdp_modules:  # drop any gathered copy so the next forward sees the new shards
             m.reshard()
+        self._gather_objective()
 
     def _ema_state(self) -> Dict[str, torch.Tensor]:
         from torch.distributed.tensor import DTensor

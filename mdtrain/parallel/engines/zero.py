@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,8 @@ from mdtrain.parallel.dist import DistContext, ensure_process_group
 from mdtrain.parallel.engines.base import Engine, rank_file, clip_and_norm, fp32_cpu, read_meta, safe_load
 from mdtrain.parallel.engines.safe_io import deepspeed_globals as allowed_globals, torch_file
 from mdtrain.parallel.engines.torch_native import broadcast_module
+from mdtrain.parallel.meta_init import materialize_whole, materialize_zero3
+from mdtrain.models.init import DeferredInit
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, pcfg, model: nn.Module, make_optimizer, ctx: DistContext, precision: str, grad_accum: int,
-                 micro_batch_size: int):
+                 micro_batch_size: int, init: Optional[DeferredInit] = None):
         ensure_process_group(ctx)
         os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))  # DeepSpeed reads it
         deepspeed = import_deepspeed(ctx.device)
@@ -135,16 +137,20 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
         self._deepspeed = deepspeed
-        model.to(ctx.device)
-        broadcast_module(model, ctx)
         self.config = deepspeed_config(pcfg, precision, grad_accum, micro_batch_size, ctx.dp_size, ctx.device)
         self.stage = int(self.config["zero_optimization"]["stage"])
         mpu = None
         if ctx.tp_size > 1:  # ZeRO partitions over the data-parallel group; norms and file names know the TP ranks
-            if self.stage == 3:
-                raise ValueError(f"parallel.zero_stage=3 does not run with parallel.tp={ctx.tp_size}; use stage 1 or 2")
             from mdtrain.parallel.tensor_parallel import MegatronMPU
             mpu = MegatronMPU()
+        if init is None:
+            model.to(ctx.device)
+            broadcast_module(model, ctx)
+        elif self.stage == 3:  # this rank's flat partition of each (TP-local) parameter, nothing more
+            materialize_zero3(model, init, ctx.device, torch.bfloat16 if precision == "bf16" else torch.float32,
+                              self.config, mpu.get_data_parallel_group() if mpu else None, mpu)
+        else:  # ZeRO-0/1/2 keep the (TP-local) parameters whole
+            materialize_whole(model, init, ctx.device)
         ds, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=self.config,
                                                 mpu=mpu, dist_init_required=False)
         self.ds = ds
@@ -152,6 +158,23 @@ class DeepSpeedEngine(Engine):
         self._replicated = not hasattr(ds_opt, "clip_grad")
         super().__init__(ctx, ds, ds.module, ds_opt, precision)
         self.ds.set_gradient_accumulation_boundary(True)
+        if self.stage == 3:
+            self._persist_objective()
+
+    def _persist_objective(self) -> None:
+        """ZeRO-3 gathers a parameter only inside the forward of the module that owns it; an objective's parameters
+        (``model.objective``, GenMD4's schedule) are used outside any forward, so they are made persistent: kept
+        gathered on every rank like DeepSpeed's small parameters (re-gathered after each step and checkpoint event),
+        their gradients reduce-scattered and their fp32 masters partitioned and stepped like every other's."""
+        objective = getattr(self.module, "objective", None)
+        if not isinstance(objective, nn.Module):
+            return
+        params = [p for p in objective.parameters() if hasattr(p, "ds_id") and not p.ds_persist]
+        for p in params:
+            p.ds_persist = True
+            self.optimizer.persistent_parameters.append(p)
+        if params:
+            params[0].all_gather(params)
 
     # ---- training ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -292,10 +315,13 @@ class DeepSpeedEngine(Engine):
         if self.ctx.is_main:
             tmp = tempfile.mkdtemp(prefix=".universal-", dir=os.path.dirname(os.path.abspath(path)))
             _to_universal(os.path.join(folder, TAG), os.path.join(tmp, TAG))
-            if old_tp != self.ctx.tp_size:  # merge the old TP pieces, cut them for this run's TP size
-                from mdtrain.parallel.tensor_parallel_zero import relayout_universal
-                relayout_universal(os.path.join(tmp, TAG, "zero"), tp_state.layout_of(self.module), old_tp,
-                                   self.ctx.tp_size)
+            zero3_tp = self.stage == 3 and self.ctx.tp_size > 1
+            if old_tp != self.ctx.tp_size or zero3_tp:  # merge the old TP pieces, cut them for this run's TP size
+                from mdtrain.parallel.tensor_parallel_zero import relayout_universal, split_universal_by_tp
+                layout = tp_state.layout_of(self.module)
+                relayout_universal(os.path.join(tmp, TAG, "zero"), layout, old_tp, self.ctx.tp_size)
+                if zero3_tp:
+                    split_universal_by_tp(os.path.join(tmp, TAG, "zero"), layout, self.ctx.tp_size)
             log.info("converted the ZeRO-%d checkpoint from %d to %d ranks through DeepSpeed's universal format",
                      self.stage, meta["world_size"], self.ctx.world_size)
         holder = [tmp]
@@ -303,7 +329,11 @@ class DeepSpeedEngine(Engine):
         tmp = holder[0]
         try:
             self.ds._config.load_universal_checkpoint = True
-            self.ds.load_checkpoint(tmp, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+            if self.stage == 3 and self.ctx.tp_size > 1:  # this TP rank's own tensors, partitioned over its dp group
+                from mdtrain.parallel.tensor_parallel_zero import load_zero3_universal
+                load_zero3_universal(self.optimizer, os.path.join(tmp, TAG, f"tp{self.ctx.tp_rank}"))
+            else:
+                self.ds.load_checkpoint(tmp, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
             if self.stage == 3:
                 self._repair_zero3_universal_load(os.path.join(tmp, TAG, "zero", "optimizer_state.pt"))
         finally:
