@@ -31,7 +31,7 @@ class Init:
     """One parameter's initial distribution.
 
     ``kind``: ``uniform`` on [a, b); ``normal`` (mean a, std); ``trunc_normal`` (mean 0, std, truncated to
-    [a, b], as ``nn.init.trunc_normal_``); ``const`` (every element a); ``log_uniform`` = log U(a, b) (Mamba's
+    [a, b], as ``nn.init.trunc_normal_``); ``const`` (every element a); ``log_of_uniform`` = log U(a, b) (Mamba's
     A_log); ``mamba_dt`` = softplus^-1 of dt, dt log-uniform in [a, b] clamped below at 1e-4 (Mamba's dt_bias).
     """
     kind: str
@@ -40,7 +40,7 @@ class Init:
     std: float = 0.0
 
     def __post_init__(self):
-        if self.kind not in ("uniform", "normal", "trunc_normal", "const", "log_uniform", "mamba_dt"):
+        if self.kind not in ("uniform", "normal", "trunc_normal", "const", "log_of_uniform", "mamba_dt"):
             raise ValueError(f"unknown init kind {self.kind!r}")
 
     @property
@@ -119,7 +119,7 @@ def _transform(init: Init, u: torch.Tensor) -> torch.Tensor:
         hi = 0.5 * (1.0 + math.erf(init.b / init.std / math.sqrt(2.0)))
         x = torch.erfinv(2.0 * (lo + (hi - lo) * u) - 1.0) * (init.std * math.sqrt(2.0))
         return x.clamp(init.a, init.b)
-    if init.kind == "log_uniform":
+    if init.kind == "log_of_uniform":
         return torch.log(init.a + (init.b - init.a) * u)
     if init.kind == "mamba_dt":
         dt = torch.exp(u * (math.log(init.b) - math.log(init.a)) + math.log(init.a)).clamp(min=1e-4)

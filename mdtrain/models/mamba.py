@@ -133,7 +133,7 @@ class SSMDirection(nn.Module):
         gated norm's weight 1; the depthwise conv as PyTorch's default (U(+-1/sqrt(kernel)))."""
         conv = torch_linear(self.conv1d.kernel_size[0])  # fan_in of a depthwise conv: 1 channel x kernel
         return {"conv1d.weight": conv, "conv1d.bias": conv, "dt_bias": Init("mamba_dt", 1e-3, 0.1),
-                "A_log": Init("log_uniform", 1.0, 16.0), "D": ones(), "norm_weight": ones()}
+                "A_log": Init("log_of_uniform", 1.0, 16.0), "D": ones(), "norm_weight": ones()}
 
     def reset_parameters(self):
         apply_plan(self, self.init_plan())
