@@ -40,7 +40,7 @@ def _peak_mb() -> float:
 def _cfg(args, engine):
     from mdtrain.config import load_config
     return load_config(None, ["model.flavor=medium", f"model.n_layers={args.layers}", f"model.d_model={args.d_model}",
-                              f"model.n_heads={args.heads}", f"parallel.engine={engine}"])
+                              f"model.n_heads={args.heads}", f"parallel.engine={engine}", "parallel.zero_stage=3"])
 
 
 def _rank(rank, world, args, layout):
@@ -70,7 +70,6 @@ def _rank(rank, world, args, layout):
             from mdtrain.parallel.engines.zero import deepspeed_config, import_deepspeed
             import_deepspeed(ctx.device).init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
             pcfg = _cfg(args, "deepspeed").parallel
-            pcfg.zero_stage = 3
             ds_cfg = deepspeed_config(pcfg, "fp32", 1, 1, ctx.dp_size, ctx.device)
             materialize_zero3(model, init, ctx.device, torch.float32, ds_cfg)
             kept = sum(p.ds_tensor.numel() for p in model.parameters())

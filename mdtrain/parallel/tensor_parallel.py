@@ -340,8 +340,8 @@ def _sync_replicated_rng(module, args):
 
 
 def _mark_split(module: nn.Module, layout: ModelLayout, tp: int) -> None:
-    """Megatron's parameter attributes: DeepSpeed's and our gradient norms count split parameters on every rank
-    and replicated ones once."""
+    """Megatron's parameter attributes: DeepSpeed's gradient norms count split parameters on every rank and
+    replicated ones once (mdtrain's own norm reads the split set from the layout by name)."""
     params = dict(module.named_parameters())
     for name in layout.split_set(tp):
         if name in params:  # (Megatron's setter refuses parameters it already marked, e.g. column biases)

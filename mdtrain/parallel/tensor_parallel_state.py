@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, List, Mapping
 
 import torch
 import torch.distributed as dist

@@ -23,12 +23,12 @@ from torch import nn
 
 import mdtrain.parallel.tensor_parallel_state as tp_state
 from mdtrain.faults import CheckpointError
+from mdtrain.models.init import DeferredInit
 from mdtrain.parallel.dist import DistContext, ensure_process_group
 from mdtrain.parallel.engines.base import Engine, rank_file, clip_and_norm, fp32_cpu, read_meta, safe_load
 from mdtrain.parallel.engines.safe_io import deepspeed_globals as allowed_globals, torch_file
 from mdtrain.parallel.engines.torch_native import broadcast_module
 from mdtrain.parallel.meta_init import materialize_whole, materialize_zero3
-from mdtrain.models.init import DeferredInit
 
 log = logging.getLogger(__name__)
 
