@@ -191,20 +191,25 @@ def test_tp_pieces_equal_the_cut_of_the_whole_tensor(name, variant, tp):
                     assert torch.equal(chunk, flat[r * part:r * part + n]), (local_name, "zero3", r)
 
 
-@pytest.mark.parametrize("name,variant", BACKBONES)
-def test_meta_build_materialised_equals_the_eager_build(name, variant):
+@pytest.mark.parametrize("name,variant,extra", [(n, v, []) for n, v in BACKBONES] + [
+    ("llama", "mdlm", ["model.llama.tie_embeddings=true", "model.llama.n_kv_heads=2"]),
+    ("llama", "mdlm", ["model.llama.norm=layernorm", "model.llama.mlp=gelu_tanh", "model.llama.qkv_bias=true"])])
+def test_meta_build_materialised_equals_the_eager_build(name, variant, extra):
     from mdtrain.config import load_config
     from mdtrain.modeling import build_deferred, build_objective_and_model
 
     objective = "ar" if name == "causal" else "genmd4" if variant == "md4" else "mdlm"
     cfg = load_config(None, [f"model.name={name}", f"model.variant={variant}", "model.flavor=debug",
-                             "model.mamba_d_state=8", f"objective.name={objective}"])
+                             "model.mamba_d_state=8", f"objective.name={objective}", *extra])
     eager, _ = build_objective_and_model(cfg, V, V - 1, L, init_seed=99)
     meta, _, init = build_deferred(cfg, V, V - 1, L, init_seed=99)
     backbone = [n for n, _ in meta.named_parameters() if not n.startswith("objective.")]
     assert all(p.device.type == "meta" for n, p in meta.named_parameters() if n in backbone)
     assert all(p.device.type == "cpu" for n, p in meta.named_parameters() if n not in backbone)  # objective: real
     materialize_whole(meta, init, torch.device("cpu"))
+    if name == "llama" and cfg.model.llama.tie_embeddings:
+        assert meta.head.weight is meta.embed.weight  # the tie survives materialisation
+    assert set(init.plan) == {n for n, p in meta.named_parameters() if not n.startswith("objective.")}
     want, got = eager.state_dict(), meta.state_dict()
     assert sorted(want) == sorted(got)
     for k in want:

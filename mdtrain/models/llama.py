@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from mdtrain.models.attention import attention, flash_attn_module, resolve_backend
 from mdtrain.models.backbone import Backbone, ModelDims
+from mdtrain.models.init import Init, ones, zeros
 from mdtrain.models.layers import apply_rotary
 from mdtrain.models.transformer import KVCache
 
@@ -319,16 +320,23 @@ class Llama(Backbone):
             self.register_load_state_dict_pre_hook(_fill_tied_head)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """HF's init for training from scratch: every weight N(0, init_std), biases 0, norms 1."""
+    def init_plan(self) -> dict:
+        """HF's init for training from scratch: every weight N(0, init_std), biases 0, norms 1 (values keyed,
+        ``mdtrain.models.init``). A tied head shares the embedding's entry."""
         std = self.spec.init_std
-        for m in self.modules():
+        plan = {}
+        for name, m in self.named_modules():
+            pre = f"{name}." if name else ""
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
+                plan[pre + "weight"] = Init("normal", 0.0, std=std)
                 if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
-                m.reset_parameters()
+                    plan[pre + "bias"] = zeros()
+            elif isinstance(m, RMSNorm):
+                plan[pre + "weight"] = ones()
+            elif isinstance(m, nn.LayerNorm):
+                plan[pre + "weight"], plan[pre + "bias"] = ones(), zeros()
+        names = {n for n, _ in self.named_parameters()}  # a tied head.weight is listed as embed.weight only
+        return {k: v for k, v in plan.items() if k in names}
 
     def set_train_step(self, step: int) -> None:
         self.train_step = int(step)

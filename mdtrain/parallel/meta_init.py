@@ -99,14 +99,24 @@ def _check_plan(module: nn.Module, pieces: Dict[str, Piece], init: DeferredInit,
         raise KeyError(f"the init plan does not cover {missing[:5]} (a parameter added after building?)")
 
 
-def _replace_param(module: nn.Module, name: str, data: torch.Tensor) -> nn.Parameter:
-    """Swap a (meta) parameter for one holding ``data``, keeping its attributes (Megatron's TP marks)."""
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    old = owner._parameters[leaf]
+def _owners(module: nn.Module) -> Dict[int, list]:
+    """id(parameter) -> every (module, attribute) that holds it (a tied head and embedding share one)."""
+    out: Dict[int, list] = {}
+    for m in module.modules():
+        for leaf, p in m._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((m, leaf))
+    return out
+
+
+def _replace_param(owners: Dict[int, list], old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+    """Swap a (meta) parameter for one holding ``data`` wherever it is held, keeping its attributes (Megatron's
+    TP marks) and its ties."""
     new = nn.Parameter(data, requires_grad=old.requires_grad)
     new.__dict__.update({k: v for k, v in old.__dict__.items() if not k.startswith("_")})
-    owner._parameters[leaf] = new
+    for m, leaf in owners.pop(id(old)):
+        m._parameters[leaf] = new
+    owners[id(new)] = []
     return new
 
 
@@ -117,12 +127,13 @@ def materialize_whole(module: nn.Module, init: DeferredInit, device: torch.devic
     pieces = pieces_of(module)
     real = {n for n, p in module.named_parameters() if p.device.type != "meta"}
     _check_plan(module, pieces, init, real)
+    owners = _owners(module)
     for name, p in list(module.named_parameters()):
         if name in real:
             continue
         data = torch.empty(p.shape, dtype=p.dtype, device=device)
         fill_piece(data, pieces[name], init)
-        _replace_param(module, name, data)
+        _replace_param(owners, p, data)
     for name, b in list(module.named_buffers()):
         if b.device.type == "meta":
             raise RuntimeError(f"buffer {name} is on the meta device: deferred init fills parameters only")
@@ -176,11 +187,12 @@ def materialize_zero3(module: nn.Module, init: DeferredInit, device: torch.devic
     pieces = pieces_of(module)
     real = {n for n, p in module.named_parameters() if p.device.type != "meta"}
     _check_plan(module, pieces, init, real)
+    owners = _owners(module)
     for name, p in list(module.named_parameters()):
         values = p.detach().to(device=device, dtype=dtype).reshape(-1) if name in real else None
         # a stand-in with the parameter's shape and no memory: DeepSpeed reads shape and numel from it
         stand_in = torch.empty(1, dtype=dtype, device=device).expand(p.shape)
-        param = _replace_param(module, name, stand_in)
+        param = _replace_param(owners, p, stand_in)
         zinit._convert_to_deepspeed_param(param)
         world, rank = zinit._partition_world_size(param), zinit._partition_rank(param)
         aligned = zinit._aligned_size(param)
