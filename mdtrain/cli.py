@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from mdtrain.errors import USER_ERRORS, exit_status, one_line
+from mdtrain.errors import USER_ERRORS, exit_status, report
 
 # subcommand -> (module, function, one-line help). The function takes the parsed argparse namespace; modules are
 # imported only for the subcommand that runs (torch, deepspeed and megatron take seconds to import).
@@ -26,8 +26,25 @@ COMMANDS = {
 }
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=3e-4")
+_OVERRIDE_EXAMPLES = {"train": "optim.lr=3e-4 train.steps=1000", "sweep": "sweep.executor=inprocess",
+                      "eval": "eval.batches=0 (the whole split)", "sample": "sample.steps=256 sample.num_samples=16",
+                      "import": "model.flavor=small"}
+
+
+def _add_config_args(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"dotted config overrides, e.g. {_OVERRIDE_EXAMPLES[command]}")
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that states each option's default (when it has one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not (action.default is None or action.default is False or action.default == argparse.SUPPRESS) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help=COMMANDS["prepare"][2], description=COMMANDS["prepare"][2])
+    p = sub.add_parser("prepare", help=COMMANDS["prepare"][2], description=COMMANDS["prepare"][2],
+                       formatter_class=_DefaultsShown)
     p.add_argument("--input", nargs="+", required=True, help="text files/dirs, .jsonl, .parquet")
     p.add_argument("--tokenizer", help="sentencepiece:train:VOCAB | sentencepiece:PATH.model | hf:DIR | bytes | "
                    "from:RUN_CHECKPOINT_EXPORT_OR_DATASET (reuse a model's tokenizer, e.g. for zero-shot sets)")
@@ -67,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("train", "sweep"):
         p = sub.add_parser(name, help=COMMANDS[name][2], description=COMMANDS[name][2])
         p.add_argument("config", nargs="?", help="YAML file")
-        _add_config_args(p)
+        _add_config_args(p, name)
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("--help-config", action="store_true", help="list every config key with its doc and exit")
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -77,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("eval", "sample"):
         p = sub.add_parser(name, help=COMMANDS[name][2], description=COMMANDS[name][2])
         p.add_argument("path", help="run directory or checkpoint directory")
-        _add_config_args(p)
+        _add_config_args(p, name)
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("export", help=COMMANDS["export"][2], description=COMMANDS["export"][2])
@@ -97,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="YAML applied over the imported config (e.g. "
                    "configs/adapt_llada.yaml: AR -> diffusion)")
     p.add_argument("--no-ema", action="store_true", help="mdlm: the raw weights, not the EMA of a Lightning checkpoint")
-    _add_config_args(p)
+    _add_config_args(p, "import")
 
     p = sub.add_parser("compare", help=COMMANDS["compare"][2], description=COMMANDS["compare"][2])
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (config.yaml + metrics.jsonl)")
@@ -156,8 +174,12 @@ def train(args) -> int:
     from mdtrain.config import load_config
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
+        import dataclasses
+
         from mdtrain.configtools import dump_yaml
-        print(dump_yaml(cfg), end="")
+        from mdtrain.objectives.config import with_conventions
+        print("# the resolved config: the objective's conventions filled in (what `mdtrain train` runs)")
+        print(dump_yaml(dataclasses.replace(cfg, objective=with_conventions(cfg.objective))), end="")
         return 0
     from mdtrain import signals
     from mdtrain.trainer import run
@@ -173,8 +195,14 @@ def _run(command: str, fn, args) -> int:
     try:
         rc = fn(args)
     except USER_ERRORS as e:
-        print(one_line(command, e), file=sys.stderr)
+        report(command, e)
         return exit_status(e)
+    except KeyboardInterrupt:
+        hint = (" since the last saved one; to stop a run with a checkpoint, send it SIGUSR2 or SIGTERM "
+                "(`kill -USR2 PID`, SLURM's `scancel --signal=USR2`), then re-run the same command to resume"
+                if command == "train" else "")
+        sys.stderr.write(f"\nmdtrain {command}: interrupted (Ctrl-C): stopped; no checkpoint was written{hint}\n")
+        return 130
     return int(rc or 0)
 
 

@@ -107,6 +107,11 @@ def main(args) -> int:
         result["gen_ppl"] = generation_row(bundle, model, step, ctx.device)
     if ctx.is_main:
         print(format_table(rows), flush=True)
+        cut = [r["split"] for r in rows if r.get("partial_split")]
+        if cut:
+            print(f"note: {', '.join(cut)} evaluated on its first {cfg.eval.batches} batches of "
+                  f"{cfg.eval.batch_size} sequences only (eval.batches={cfg.eval.batches}, from the run's config); "
+                  f"add eval.batches=0 to score the whole split", flush=True)
         g = result.get("gen_ppl")
         if g:
             steps = "" if g["steps"] is None else f", {g['steps']} steps"

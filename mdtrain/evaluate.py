@@ -36,9 +36,10 @@ def per_sequence_nll(objective, model_fn, x0: torch.Tensor, attention_mask: torc
 
 
 @torch.no_grad()
-def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp32") -> tuple[float, float, float]:
+def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp32",
+                     report: Optional[dict] = None) -> tuple[float, float, float]:
     """(sum of per-token NELBO/NLL in nats, number of tokens, Monte Carlo variance of that sum) over one prepared
-    split, all ranks together.
+    split, all ranks together. ``report["partial"]`` is set True when ``eval.batches`` stopped it before the end.
 
     Every sequence is scored ``eval.mc_samples`` times on independent noise; the corpus estimate is the sum of the
     per-sequence means, and its variance Σ_i s_i²/K (s_i² the sample variance of sequence i's K values, noise
@@ -61,6 +62,8 @@ def evaluate_dataset(cfg, data_cfg, model, objective, ctx, precision: str = "fp3
     mc = 1 if objective.causal else max(1, ecfg.mc_samples)
     for b, batch in enumerate(loader):
         if ecfg.batches and b >= ecfg.batches:
+            if report is not None:
+                report["partial"] = True
             break
         x0 = batch["input_ids"].to(ctx.device)
         attn = batch["attention_mask"].to(ctx.device)
@@ -100,9 +103,12 @@ def evaluate_splits(cfg, model, objective, ctx, step: Optional[int]) -> list[dic
     rows = []
     mc = 1 if objective.causal else max(1, cfg.eval.mc_samples)
     for name, dcfg in sets:
-        nll_sum, tokens, var = evaluate_dataset(cfg, dcfg, model, objective, ctx, precision)
+        report = {"partial": False}
+        nll_sum, tokens, var = evaluate_dataset(cfg, dcfg, model, objective, ctx, precision, report=report)
         rows.append(eval_row(step, name, nll_sum, tokens, bound, image_shape=cfg.model.image_shape, nll_var=var,
                              mc_samples=mc))
+        if report["partial"]:  # eval.batches cut it: the row says so (rank 0's view; every rank has as many batches)
+            rows[-1]["partial_split"] = f"first {cfg.eval.batches} batches (eval.batches)"
     return rows
 
 

@@ -160,6 +160,26 @@ class RunDirLock:
         return self._fd is not None or self._excl is not None
 
 
+def remove_if_empty(run_dir: str, lock: "RunDirLock") -> None:
+    """Release ``lock`` (held by this process) and remove ``run_dir`` if it holds nothing but empty directories
+    and the lock's own files: what a run that failed before writing anything leaves behind. A run dir holding any
+    other file is left exactly as it is."""
+    try:
+        for root, dirs, files in os.walk(run_dir, topdown=False):
+            if set(files) - ({LOCK, EXCL} if root == run_dir else set()):
+                return
+            for d in dirs:
+                os.rmdir(os.path.join(root, d))
+        if lock.held and os.path.exists(lock.path):
+            os.unlink(lock.path)  # while the lock is held: no other process is using this file
+        lock.release()  # removes the O_EXCL fallback's file
+        os.rmdir(run_dir)
+    except OSError:
+        pass
+    finally:
+        lock.release()
+
+
 def check_writable(directory: str) -> None:
     """A RunDirError now, before any work, if files cannot be created in ``directory`` (made if missing)."""
     probe = os.path.join(directory, f".write-probe-{os.getpid()}")

@@ -64,7 +64,10 @@ def build_template(tokenizer, scfg, length: int, causal: bool):
         raise ConfigError("sample.infill needs a masked-diffusion model; an ar model generates left to right "
                           "(use sample.prefix)")
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
-    body = parse_infill(text, tokenizer.encode, tokenizer.mask_id) if scfg.infill else tokenizer.encode(text)
+    try:
+        body = parse_infill(text, tokenizer.encode, tokenizer.mask_id) if scfg.infill else tokenizer.encode(text)
+    except ValueError as e:  # e.g. a character a byte-less alphabet tokenizer cannot encode
+        raise ConfigError(f"{key}: {e}; write it with characters the run's tokenizer knows") from None
     ids = bos + body
     if len(ids) > length or (len(ids) == length and tokenizer.mask_id not in body):
         raise ConfigError(f"{key} encodes to {len(ids)} tokens{' with BOS' if bos else ''}; the model generates "

@@ -19,12 +19,12 @@ import torch
 import yaml
 
 from mdtrain import rng, signals
-from mdtrain.checkpoint import CheckpointManager
+from mdtrain.checkpoint import STEP_RE, CheckpointManager
 from mdtrain.config import Config, load_config, save_config
 from mdtrain.configtools import ConfigError, to_dict
 from mdtrain.faults import CheckpointError
 from mdtrain.parallel.engines.base import main_then_all
-from mdtrain.rundir import RunDirLock, check_writable, move_aside
+from mdtrain.rundir import RunDirLock, check_writable, move_aside, remove_if_empty
 from mdtrain.data.images import check_image_layout, label_kwargs
 from mdtrain.metrics import MetricsLogger, memory_gib, peak_flops
 from mdtrain.modeling import build_objective_and_model
@@ -49,6 +49,16 @@ def run(config: "str | Config | None", overrides: Sequence[str] = ()) -> int:
     if status == "preempted":
         raise signals.Preempted(signals.received())
     return 0
+
+
+def _finished_step(resume_path: Optional[str], steps: int) -> Optional[int]:
+    """The step of the checkpoint to resume when it is already at or past ``train.steps`` (the run is finished),
+    else None. Read from the checkpoint directory's name (``step_XXXXXXXX``), so nothing is loaded."""
+    if resume_path is None:
+        return None
+    m = STEP_RE.match(os.path.basename(os.path.normpath(resume_path)))
+    step = int(m.group(1)) if m else None
+    return step if step is not None and step >= steps else None
 
 
 def ema_decay(cap: float, num_updates: int) -> float:
@@ -165,10 +175,13 @@ class Trainer:
         self.run_dir = cfg.train.run_dir
         self.lock = RunDirLock(self.run_dir)
         self.engine = None
+        fresh = not os.path.exists(self.run_dir)
         main_then_all(self.ctx, self._claim_run_dir)  # one writer per run dir, before anything is written
         try:
             self._setup()
         except BaseException:
+            if fresh and self.ctx.is_main:  # a run that failed before writing anything leaves no empty run dir
+                remove_if_empty(self.run_dir, self.lock)
             self.lock.release()
             raise
 
@@ -197,6 +210,9 @@ class Trainer:
                                       verify=cfg.checkpoint.verify)
         self.resume_path = self.ckpt.select(cfg.checkpoint.resume, cfg.checkpoint.start_over,
                                             lambda: move_aside(self.run_dir))
+        self.finished_at = _finished_step(self.resume_path, cfg.train.steps)
+        if self.finished_at is not None:  # nothing to train: build nothing, write nothing
+            return
         if self.resume_path is not None:
             main_then_all(self.ctx, lambda: check_resumable(self.resume_path, cfg, self.tokenizer))
         self._build()
@@ -213,6 +229,8 @@ class Trainer:
                 print(f"resumed from {self.resume_path} at step {self.progress.step}", flush=True)
         # tokens trained on since the last read-back, kept on the device (read on logging steps and saves)
         self._tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        # [Σ loss·tokens, Σ tokens, steps] of this logging window's finite steps (read on logging steps)
+        self._window = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.data_iter = iter(self.loader)
         if self.ctx.is_main:
             _warn_config_changes(self.run_dir, cfg)
@@ -348,9 +366,20 @@ class Trainer:
             prog.skipped_total += 1
         prog.step += 1
         self._tokens += global_tok.to(torch.int64)
-        out = {"loss": None, "grad_norm": grad_norm, "finite": finite}
+        if finite:  # the logging window's token-weighted loss, on the device (skipped steps do not count)
+            self._window += torch.stack([loss_sum * global_tok, global_tok.to(torch.float64), torch.ones_like(
+                global_tok, dtype=torch.float64)])
+        out = {"loss": None, "loss_mean": None, "loss_steps": None, "grad_norm": grad_norm, "finite": finite}
         if read or not finite:
-            out["loss"] = float(ctx.all_reduce_sum(loss_sum.reshape(1), group=self.dp_group)[0])
+            # one all-reduce: this step's loss shares and the window's token-weighted sum (tokens and the step
+            # count are the same on every rank: divided back by the number of data-parallel ranks)
+            got = ctx.all_reduce_sum(torch.cat([loss_sum.reshape(1), self._window]), group=self.dp_group)
+            dp = self.ctx.dp_size
+            out["loss"] = float(got[0])
+            steps = out["loss_steps"] = round(float(got[3]) / dp)
+            out["loss_mean"] = (out["loss"] if steps == 1 and finite
+                                else float(got[1]) / (float(got[2]) / dp) if steps else math.nan)
+            self._window.zero_()
             self._read_tokens()
         return out
 
@@ -365,11 +394,19 @@ class Trainer:
 
         Throughput (tokens/s, MFU) is measured over the training steps of each logging window only; evaluation
         and checkpoint time are reported on their own lines."""
-        cfg, prog = self.cfg, self.progress
-        if prog.step >= cfg.train.steps:
-            self.metrics.print(f"run already finished at step {prog.step} (train.steps={cfg.train.steps})")
+        cfg = self.cfg
+        if self.finished_at is not None:
+            if self.ctx.is_main:
+                print(f"run already finished: {self.resume_path} is at step {self.finished_at} (train.steps="
+                      f"{cfg.train.steps}); nothing trained, evaluated or written. To train on, raise train.steps "
+                      f"(e.g. train.steps={max(self.finished_at, cfg.train.steps) * 2}); to evaluate again, "
+                      f"`mdtrain eval {self.run_dir}`", flush=True)
+            return "done"
+        prog = self.progress
         self.metrics.print(f"training {cfg.objective.name} on {cfg.model.name}/{cfg.model.flavor} with "
-                           f"{self.ctx.world_size} rank(s) [{cfg.parallel.engine}], global batch "
+                           f"{self.ctx.world_size} rank(s) [{cfg.parallel.engine}"
+                           f"{f', tp={self.ctx.tp_size} x dp={self.ctx.dp_size}' if self.ctx.tp_size > 1 else ''}]"
+                           f", global batch "
                            f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {self.accum} accum x "
                            f"{self.ctx.dp_size} dp; from step {prog.step} to {cfg.train.steps}")
         window_tokens, window_s = prog.tokens, 0.0
@@ -389,7 +426,8 @@ class Trainer:
             if log_now or not out["finite"]:
                 tps = (prog.tokens - window_tokens) / max(window_s, 1e-9)
                 mfu = (self.flops_per_token * tps / self.ctx.world_size / self.peak) if self.peak else None
-                self.metrics.log_train({"step": prog.step, "loss": out["loss"], "tokens": prog.tokens,
+                self.metrics.log_train({"step": prog.step, "loss": out["loss_mean"], "loss_step": out["loss"],
+                                        "loss_steps": out["loss_steps"], "tokens": prog.tokens,
                                         "lr": lr_at(prog.step - 1, cfg.train.steps, cfg.optim),
                                         "grad_norm": out["grad_norm"], "tokens_per_s": tps, "mfu": mfu,
                                         "memory_gib": memory_gib(self.device), "skipped": prog.skipped_total,
@@ -404,8 +442,7 @@ class Trainer:
                 self.evaluate()
             if cfg.checkpoint.every and prog.step % cfg.checkpoint.every == 0 and prog.step < cfg.train.steps:
                 self.save()
-        if self._resumed_step is None or prog.step > self._resumed_step:  # a finished run re-run only re-evaluates
-            self.save()
+        self.save()
         self.evaluate()
         return "done"
 

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from mdtrain.configtools import ConfigError
 from mdtrain.parallel.dist import first_slurm_host, parse_launch_env
 from mdtrain.testing import run_distributed
 
@@ -67,7 +68,7 @@ def test_single_process_context_and_helpers():
         ctx.barrier()
     finally:
         ctx.destroy()
-    with pytest.raises(RuntimeError, match="needs 2 processes"):
+    with pytest.raises(ConfigError, match="needs a multiple of 2 processes"):
         init_distributed(tp=2)
 
 

@@ -142,8 +142,10 @@ def read_manifest(root: str) -> dict:
     """Load and check ``<root>/manifest.json``; every problem is a DataError naming the file."""
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
-        hint = " (it holds no manifest.json: run `mdtrain prepare` first)" if os.path.isdir(root) else ""
-        raise DataError(f"{path}: not found; '{root}' is not a prepared dataset{hint}")
+        what = "holds no manifest.json" if os.path.isdir(root) else "does not exist"
+        raise DataError(f"{path}: not found; '{root}' {what}, so it is not a prepared dataset. Make one with "
+                        f"`mdtrain prepare --input FILES... --tokenizer ... --seq-len N --out {root}` (README, "
+                        f"\"Preparing the datasets the recipes use\", has the command for each recipe's data)")
     try:
         with open(path, encoding="utf-8") as fh:
             m = json.load(fh)

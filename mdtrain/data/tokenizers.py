@@ -293,15 +293,16 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
 
     failure = []
 
+    n_chars = [0]
+
     def lines():
-        n = 0
         try:
             for doc in texts:
                 for line in doc.split("\n"):
                     if line.strip():
                         yield line
-                        n += len(line)
-                if n >= max_chars:
+                        n_chars[0] += len(line)
+                if n_chars[0] >= max_chars:
                     return
         except Exception as e:  # reading the input failed: re-raised as itself below, not as SP's RuntimeError
             failure.append(e)
@@ -319,7 +320,13 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
         if failure:
             raise failure[0] from None
         raise DataError(f"training a sentencepiece {model_type} model of vocab {vocab_size} failed: {e}") from None
-    return SentencePieceTokenizer(buf.getvalue(), spec=spec)
+    tok = SentencePieceTokenizer(buf.getvalue(), spec=spec)
+    if tok.vocab_size < vocab_size:  # hard_vocab_limit=False: SentencePiece stops when the corpus has no more pieces
+        import sys
+        print(f"note: sentencepiece was asked for {vocab_size} pieces; this corpus ({n_chars[0]:,} characters "
+              f"read) supports {tok.vocab_size}, so the tokenizer has vocab_size={tok.vocab_size}. A larger "
+              f"vocabulary needs more text (or ask for what it supports)", file=sys.stderr, flush=True)
+    return tok
 
 
 def saved_tokenizer_dir(path: str) -> str:

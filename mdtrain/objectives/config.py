@@ -5,6 +5,8 @@ place, :func:`resolve_objective`, so that `mdtrain train --help-config` and the 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -67,6 +69,13 @@ class ObjectiveConfig:
 
     def validate(self):
         resolve_objective(self)
+
+
+def with_conventions(cfg: ObjectiveConfig) -> ObjectiveConfig:
+    """A copy of ``cfg`` whose unset schedule, sampling_eps, T and time_conditioning hold the values that will run
+    (the objective's conventions): what ``--print-config`` shows. Loading it back trains the same objective."""
+    d = resolve_objective(cfg)
+    return dataclasses.replace(cfg, **{k: d[k] for k in ("schedule", "sampling_eps", "T", "time_conditioning")})
 
 
 def resolve_objective(cfg: ObjectiveConfig) -> dict:

@@ -219,8 +219,10 @@ def init_distributed(backend: str = "auto", tp: int = 1, argv: Optional[Sequence
         return _CTX
     if launch is None:
         if tp != 1:
-            raise RuntimeError(f"parallel.tp={tp} needs {tp} processes; start the run with torchrun, the deepspeed "
-                               f"launcher or srun")
+            raise ConfigError(f"parallel.tp={tp} needs a multiple of {tp} processes and this is one process: "
+                              f"start it with a launcher, e.g. `python -m mdtrain.launch.torchrun --standalone "
+                              f"--nproc-per-node {tp} -m mdtrain train ...` (or deepspeed, or srun); parallel.tp=1 "
+                              f"for one process")
         _CTX = DistContext(device=_pick_device(0, device))
         return _CTX
     for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
