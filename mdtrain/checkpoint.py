@@ -28,7 +28,7 @@ import traceback
 import warnings
 from typing import Callable, Optional, Protocol
 
-from mdtrain.configtools import atomic_write_text
+from mdtrain.configtools import atomic_write_text, share_tree_like_open
 from mdtrain.faults import CheckpointError, RunDirError
 from mdtrain.parallel.engines.base import main_then_all, scan_everywhere
 from mdtrain.parallel.engines.safe_io import dcp_exception, file_owner
@@ -384,6 +384,7 @@ class CheckpointManager:
         files = {k: v for part in _gather(self.ctx, hashed) for k, v in part.items()}
 
         def publish():
+            share_tree_like_open(tmp)  # what DeepSpeed / safetensors wrote 0600 becomes readable as the umask says
             write_manifest(tmp, step, dict(sorted(files.items())), {"world_size": self.ctx.world_size})
             if os.path.exists(final):  # re-saving the same step (e.g. final save right after a periodic one)
                 shutil.rmtree(final)

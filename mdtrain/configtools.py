@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import io
 import os
+import stat
 import tempfile
 import types
 import typing
@@ -304,13 +305,56 @@ def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status`` on Linux; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: str, executable: bool = False) -> int:
+    """The mode a plain ``open()`` (or ``mkdir``) under the current umask gives ``path``: 0o666 & ~umask for a file,
+    0o777 & ~umask for a directory or with ``executable``."""
+    full = 0o777 if executable or os.path.isdir(path) else 0o666
+    return full & ~current_umask()
+
+
+def share_like_open(path: str | os.PathLike) -> None:
+    """Give a file that a library wrote 0600 (safetensors, tempfile) the mode ``open()`` would have: colleagues on a
+    shared machine read checkpoints and exports as the user's umask allows."""
+    path = os.fspath(path)
+    os.chmod(path, default_mode(path))
+
+
+def share_tree_like_open(root: str | os.PathLike) -> None:
+    """:func:`share_like_open` for every file and directory under ``root`` (a checkpoint that this process and
+    DeepSpeed / DCP wrote); files with the owner's execute bit (DeepSpeed's scripts) keep it, as 0o777 & ~umask."""
+    mask = current_umask()
+    for d, dirs, files in os.walk(os.fspath(root)):
+        os.chmod(d, 0o777 & ~mask)
+        for f in files:
+            full = os.path.join(d, f)
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(full, (0o777 if st.st_mode & stat.S_IXUSR else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a half-written one."""
+    """Write a file so that readers see the old or the new content, never a half-written one; it gets the mode a
+    plain ``open()`` would (mkstemp's 0600 would hide it from everyone the umask lets read it)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mdtrain.configtools import atomic_write_text, dump_yaml
+from mdtrain.configtools import atomic_write_text, dump_yaml, share_like_open
 from mdtrain.objectives.protocol import make_model_fn
 
 
@@ -49,6 +49,7 @@ def save_exported(out_dir: str, state_dict: dict, cfg, tokenizer) -> None:
                for k, v in state_dict.items()}
     tmp = os.path.join(out_dir, ".model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "mdtrain-export-v1"})
+    share_like_open(tmp)  # safetensors writes 0600
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     atomic_write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(cfg))
     tok_dir = os.path.join(out_dir, "tokenizer")

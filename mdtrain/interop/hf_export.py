@@ -21,7 +21,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from mdtrain.configtools import to_dict
+from mdtrain.configtools import share_like_open, to_dict
 
 REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
 REMOTE_FILES = ("configuration_mdtrain.py", "modeling_mdtrain.py")
@@ -189,8 +189,10 @@ def export_hf(path: str, out: str, use_ema: bool = True) -> dict:
     os.makedirs(out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(out, "model.safetensors"),
               metadata={"format": "pt"})
+    share_like_open(os.path.join(out, "model.safetensors"))  # safetensors writes 0600
     if extra:
         save_file(extra, os.path.join(out, "objective.safetensors"), metadata={"format": "mdtrain-objective"})
+        share_like_open(os.path.join(out, "objective.safetensors"))
     if not family:
         for name in REMOTE_FILES:
             shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(out, name))
