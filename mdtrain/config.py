@@ -108,6 +108,8 @@ class LoggingConfig:
     wandb: bool = doc(False, "log to Weights & Biases (offline unless WANDB_API_KEY is set)")
     wandb_project: str = doc("mdtrain", "wandb project")
     wandb_name: str = doc("", "wandb run name; empty = the run dir's name")
+    tensorboard: bool = doc(False, "also write the metrics.jsonl scalars as TensorBoard event files in "
+                                   "<run_dir>/tensorboard/ (needs the tensorboard package)")
     progress_bar: bool = doc(True, "show a progress bar with ETA on interactive terminals")
 
 
@@ -131,7 +133,7 @@ class Config:
     train: TrainConfig = section(TrainConfig, "loop, batch, precision, EMA")
     parallel: ParallelConfig = section(ParallelConfig, "engines and tensor parallelism")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "saving and resuming")
-    logging: LoggingConfig = section(LoggingConfig, "console, metrics.jsonl, wandb")
+    logging: LoggingConfig = section(LoggingConfig, "console, metrics.jsonl, wandb, TensorBoard")
     eval: EvalConfig = section(EvalConfig, "validation NELBO / perplexity")
     sample: SampleConfig = section(SampleConfig, "sampling")
     launch: LaunchConfig = section(LaunchConfig, "mdtrain launch: SLURM resources and requeue policy")

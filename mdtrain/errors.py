@@ -12,8 +12,10 @@ import time
 from mdtrain.configtools import ConfigError
 from mdtrain.data.errors import DataError
 from mdtrain.faults import CheckpointError, RunDirError
+from mdtrain.metrics import MissingPackage
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FloatingPointError, CheckpointError, RunDirError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FloatingPointError, CheckpointError, RunDirError,
+               MissingPackage)
 
 
 def exit_status(error: BaseException) -> int:

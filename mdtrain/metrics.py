@@ -1,4 +1,5 @@
-"""Metrics: a readable console line, a progress bar with ETA, ``metrics.jsonl`` rows, and wandb (offline by default).
+"""Metrics: a readable console line, a progress bar with ETA, ``metrics.jsonl`` rows, wandb (offline by default) and
+TensorBoard event files.
 
 Units: losses are nats/token; bits and perplexity are derived. Diffusion perplexities are upper bounds.
 """
@@ -72,22 +73,66 @@ class WandbLogger:
         self.run.finish()
 
 
+class MissingPackage(ImportError):
+    """An optional package that a config option needs is not installed (a user mistake: reported as one line)."""
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TensorBoardLogger:
+    """The numeric values of every metrics.jsonl row as TensorBoard scalars in ``<run_dir>/tensorboard/``, tagged
+    ``train/<key>`` or ``<split>/<key>`` (eval rows) at the row's step. A resumed run adds an event file beside the
+    earlier ones: TensorBoard reads them as one run."""
+
+    def __init__(self, run_dir: str):
+        SummaryWriter = tensorboard_writer_class()
+        self.writer = SummaryWriter(log_dir=os.path.join(run_dir, TENSORBOARD_DIR))
+
+    def log(self, row: dict, step: int) -> None:
+        group = row.get("split", "train")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{group}/{k}", v, global_step=step)
+        self.writer.flush()  # rows come at logging intervals: each is on disk before the next step
+
+    def finish(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_writer_class():
+    """torch's SummaryWriter, which needs the tensorboard package (imported only when logging.tensorboard=true)."""
+    try:
+        import tensorboard  # noqa: F401 - torch.utils.tensorboard imports it; name the package if it is missing
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise MissingPackage(f"logging.tensorboard=true needs the tensorboard package ({e}): pip install -r "
+                             f"requirements.txt, or pip install tensorboard") from None
+    return SummaryWriter
+
+
 class MetricsLogger:
-    """Rank 0 writes; other ranks keep quiet. ``log_train`` / ``log_eval`` append to metrics.jsonl."""
+    """Rank 0 writes; other ranks keep quiet. ``log_train`` / ``log_eval`` append to metrics.jsonl (and to wandb /
+    TensorBoard when asked)."""
 
     def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool = True,
-                 wandb_cfg: Optional[dict] = None):
+                 wandb_cfg: Optional[dict] = None, tensorboard: bool = False):
         self.enabled = enabled
         self.total = total_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.start_time = time.time()
         self.start_step: Optional[int] = None
         self.wandb: Optional[WandbLogger] = None
+        self.tensorboard: Optional[TensorBoardLogger] = None
         self.bar = None
+        if tensorboard:
+            tensorboard_writer_class()  # on every rank: a missing package stops them all, none waits in a collective
         if enabled:
             _drop_partial_last_line(self.path)
         if enabled and wandb_cfg is not None:
             self.wandb = WandbLogger(run_dir, **wandb_cfg)
+        if enabled and tensorboard:
+            self.tensorboard = TensorBoardLogger(run_dir)
         if enabled and progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
@@ -100,6 +145,8 @@ class MetricsLogger:
             fh.flush()
         if self.wandb:
             self.wandb.log(row, row["step"])
+        if self.tensorboard:
+            self.tensorboard.log(row, row["step"])
 
     def print(self, msg: str) -> None:
         if not self.enabled:
@@ -155,6 +202,9 @@ class MetricsLogger:
             self.bar.close()
         if self.wandb:
             self.wandb.finish()
+        if self.tensorboard:
+            self.tensorboard.finish()
+            self.tensorboard = None
 
 
 def _drop_partial_last_line(path: str) -> None:

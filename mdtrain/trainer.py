@@ -241,7 +241,7 @@ class Trainer:
                          "name": cfg.logging.wandb_name or os.path.basename(os.path.abspath(self.run_dir)),
                          "config": to_dict(cfg), "run_id": self.progress.wandb_id}
         self.metrics = MetricsLogger(self.run_dir, cfg.train.steps, self.ctx.is_main, cfg.logging.progress_bar,
-                                     wandb_cfg)
+                                     wandb_cfg, tensorboard=cfg.logging.tensorboard)
         if self.metrics.wandb:
             self.progress.wandb_id = self.metrics.wandb.id
 

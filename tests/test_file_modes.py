@@ -1,5 +1,5 @@
-"""Files others can read: a run directory (config, metrics, DCP and DeepSpeed checkpoints with their manifests and
-tokenizer copies) and both export formats get the modes a plain open()/mkdir gives under the user's umask: 0644 /
+"""Files others can read: a run directory (config, metrics, TensorBoard events, DCP and DeepSpeed checkpoints with
+their manifests and tokenizer copies) and both export formats get the modes a plain open()/mkdir gives under the user's umask: 0644 /
 0755 under umask 022, 0600 / 0700 under umask 077 (the umask is respected, not overridden)."""
 import contextlib
 import os
@@ -61,7 +61,9 @@ def wrong(found, file_mode, dir_mode, script_mode=None):
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_umask_022_makes_every_file_0644_and_every_dir_0755(tmp_path, engine):
     with umask(0o022):
-        found = train_and_export(tmp_path, f"parallel.engine={engine}", hf=engine == "deepspeed")
+        found = train_and_export(tmp_path, f"parallel.engine={engine}", "logging.tensorboard=true",
+                                 hf=engine == "deepspeed")
+    assert "run/tensorboard/" in found
     if engine == "deepspeed":
         assert any("deepspeed/" in k for k in found)
         assert "export/config.json" in found  # the Hugging Face format
