@@ -1,6 +1,6 @@
 """Files others can read: a run directory (config, metrics, TensorBoard events, DCP and DeepSpeed checkpoints with
-their manifests and tokenizer copies) and both export formats get the modes a plain open()/mkdir gives under the user's umask: 0644 /
-0755 under umask 022, 0600 / 0700 under umask 077 (the umask is respected, not overridden)."""
+their manifests and tokenizer copies) and both export formats get the modes a plain open()/mkdir gives under the
+user's umask: 0644 / 0755 under umask 022, 0600 / 0700 under umask 077 (the umask is respected, not overridden)."""
 import contextlib
 import os
 import stat
