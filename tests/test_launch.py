@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -282,3 +283,36 @@ def test_readme_deepspeed_launcher_command_trains_on_two_cpu_processes(tmp_path)
     assert "'--local_rank=1', 'train'" in p.stdout + p.stderr  # the launcher's argument, accepted by mdtrain
     assert "with 2 rank(s) [deepspeed]" in p.stdout
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000010"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the README's CPU tensor-parallel demo: data made offline from Python's own sources, 2 processes, parallel.tp=2
+
+TP_DEMO_COMMANDS = [  # verbatim in README.md ("Tensor parallelism"), run here as written in an empty directory
+    "STDLIB=$(python -c 'import sysconfig; print(sysconfig.get_paths()[\"stdlib\"])')",
+    "mdtrain prepare --input \"$STDLIB/json\" \"$STDLIB/email\" --glob '*.py' --tokenizer bytes --seq-len 128 "
+    "--val-fraction 0.1 --out data/tp-demo",
+    "torchrun --standalone --nproc_per_node 2 -m mdtrain train configs/tp_cpu_demo.yaml",
+]
+
+
+def test_readme_tp_cpu_demo_prepares_offline_and_trains_with_tp2_on_two_processes(tmp_path):
+    readme = read(os.path.join(REPO, "README.md"))
+    for cmd in TP_DEMO_COMMANDS:
+        assert cmd in readme, f"README.md no longer shows the TP demo command that tests/test_launch.py runs: {cmd}"
+    os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")  # data/ and runs/ land in tmp_path
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    script = "set -e\n" + "\n".join(TP_DEMO_COMMANDS) + " train.steps=20\n"  # fewer steps: the only change
+    p = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "with 2 rank(s) [ddp], global batch 8 = 8 x 1 accum x 1 dp" in p.stdout, p.stdout[-2000:]
+    run = tmp_path / "runs" / "tp_cpu_demo"
+    meta = json.loads((run / "checkpoints" / "step_00000020" / "engine.json").read_text())
+    assert (meta["world_size"], meta["dp_size"], meta["tp_size"]) == (2, 1, 2)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "split" not in r]
+    assert [r["step"] for r in train] == [10, 20]
+    (ev,) = [r for r in rows if r.get("split") == "valid"]
+    assert ev["nll"] < math.log(256) - 1.0, ev  # learnt the bytes: a nat below the uniform distribution over bytes

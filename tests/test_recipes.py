@@ -1,5 +1,6 @@
 """Every shipped recipe parses, builds, and trains a few steps at debug size on CPU with its own objective,
-backbone and optimiser settings (only size, data and batch are overridden)."""
+backbone and optimiser settings (only size, data, batch and the tensor-parallel size are overridden: one process
+here; tests/test_launch.py runs the TP demo recipe on 2)."""
 import glob
 import json
 import math
@@ -18,7 +19,9 @@ RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))
 DEBUG = ["model.flavor=debug", "data.train=synthetic:markov", "data.valid=", "data.seq_len=32", "data.num_workers=0",
          "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=2", "train.precision=fp32",
          "optim.warmup_steps=1", "logging.wandb=false", "logging.every=1", "logging.progress_bar=false",
-         "eval.batches=1", "eval.batch_size=4", "checkpoint.every=0", "checkpoint.load_from="]  # fine-tuning recipes train from scratch here
+         "eval.batches=1", "eval.batch_size=4", "checkpoint.every=0",
+         "checkpoint.load_from=",  # fine-tuning recipes train from scratch here
+         "parallel.tp=1"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.basename(p))
