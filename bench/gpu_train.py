@@ -367,9 +367,12 @@ def measure(b: Bench, z: Sizes, tmp: str, objective: str, micro: int, compiled: 
                 torch.cuda.reset_peak_memory_stats()
             sync(b.device)
             t0 = time.perf_counter()
+            before = tr.progress.tokens
             out = step()
             sync(b.device)
             dt = time.perf_counter() - t0
+            # the Trainer's step folds its token count into progress.tokens when it reads (read=True: every call)
+            out.setdefault("tokens_step", tr.progress.tokens - before)
             if i == 0:
                 first_loss, first_s = out["loss"], dt
             if i >= z.warmup:

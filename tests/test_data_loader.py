@@ -197,7 +197,8 @@ def test_manifest_mismatches_are_named(data, tmp_path):
     json.dump(m, open(mpath, "w"))
     with pytest.raises(DataError, match=r"shard-000000\.tar: holds more than the 14|shard-00000[01]\.tar: holds"):
         take(build_loader(cfg(data), "train", 61, 0, 1, seed=0), 1)
-    with pytest.raises(DataError, match="run `mdtrain prepare` first"):
+    with pytest.raises(DataError, match="holds no manifest.json, so it is not a prepared dataset. Make one with "
+                                        "`mdtrain prepare"):
         build_loader(cfg(str(tmp_path)), "train", 4, 0, 1, seed=0)
     no_valid = make_dataset(str(tmp_path / "nv"), n_valid=0)
     with pytest.raises(DataError, match="valid split has no samples"):

@@ -307,7 +307,7 @@ def test_readme_tp_cpu_demo_prepares_offline_and_trains_with_tp2_on_two_processe
     script = "set -e\n" + "\n".join(TP_DEMO_COMMANDS) + " train.steps=20\n"  # fewer steps: the only change
     p = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    assert "with 2 rank(s) [ddp], global batch 8 = 8 x 1 accum x 1 dp" in p.stdout, p.stdout[-2000:]
+    assert "with 2 rank(s) [ddp, tp=2 x dp=1], global batch 8 = 8 x 1 accum x 1 dp" in p.stdout, p.stdout[-2000:]
     run = tmp_path / "runs" / "tp_cpu_demo"
     meta = json.loads((run / "checkpoints" / "step_00000020" / "engine.json").read_text())
     assert (meta["world_size"], meta["dp_size"], meta["tp_size"]) == (2, 1, 2)
