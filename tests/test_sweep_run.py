@@ -195,10 +195,10 @@ def test_crashed_cell_resumes_from_its_checkpoint_to_the_uninterrupted_loss(tmp_
     import mdtrain.trainer
     real_step = mdtrain.trainer.Trainer.train_step
 
-    def crash_at_6(self):
+    def crash_at_6(self, read=True):
         if self.step == 6:
             raise RuntimeError("simulated node failure")
-        return real_step(self)
+        return real_step(self, read)
     monkeypatch.setattr(mdtrain.trainer.Trainer, "train_step", crash_at_6)
     assert cli.main(["sweep", path, "run", "checkpoint.every=4"]) == 1  # the cell failed; the sweep says so
     sw = load(path, ["checkpoint.every=4"])
