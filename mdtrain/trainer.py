@@ -221,16 +221,16 @@ class Trainer:
         self.ckpt.register("progress", self.progress)
         self.ckpt.register("data", DataPosition(self.loader, self.ctx.dp_size))
         self.ckpt.register("rng", RNGStreams(self.device))
-        self._resumed_step: Optional[int] = None
         if self.resume_path is not None:
             self.ckpt.load(self.resume_path, self.engine, upgrade=_client_state_v1)
-            self._resumed_step = self.progress.step
             if self.ctx.is_main:
                 print(f"resumed from {self.resume_path} at step {self.progress.step}", flush=True)
         # tokens trained on since the last read-back, kept on the device (read on logging steps and saves)
         self._tokens = torch.zeros((), dtype=torch.int64, device=self.device)
-        # [Σ loss·tokens, Σ tokens, steps] of this logging window's finite steps (read on logging steps)
-        self._window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # this logging window's finite steps: this rank's Σ loss·tokens and the global Σ tokens (on the device),
+        # and how many steps (host)
+        self._window = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._window_steps = 0
         self.data_iter = iter(self.loader)
         if self.ctx.is_main:
             _warn_config_changes(self.run_dir, cfg)
@@ -366,20 +366,19 @@ class Trainer:
             prog.skipped_total += 1
         prog.step += 1
         self._tokens += global_tok.to(torch.int64)
-        if finite:  # the logging window's token-weighted loss, on the device (skipped steps do not count)
-            self._window += torch.stack([loss_sum * global_tok, global_tok.to(torch.float64), torch.ones_like(
-                global_tok, dtype=torch.float64)])
+        if finite:  # the logging window's token-weighted loss (skipped steps do not count)
+            self._window += torch.stack([loss_sum * global_tok, global_tok.to(torch.float64)])
+            self._window_steps += 1
         out = {"loss": None, "loss_mean": None, "loss_steps": None, "grad_norm": grad_norm, "finite": finite}
         if read or not finite:
-            # one all-reduce: this step's loss shares and the window's token-weighted sum (tokens and the step
-            # count are the same on every rank: divided back by the number of data-parallel ranks)
-            got = ctx.all_reduce_sum(torch.cat([loss_sum.reshape(1), self._window]), group=self.dp_group)
-            dp = self.ctx.dp_size
+            # one all-reduce for this step's loss and the window's weighted sum (the token count is global already)
+            got = ctx.all_reduce_sum(torch.stack([loss_sum, self._window[0]]), group=self.dp_group)
+            steps = out["loss_steps"] = self._window_steps
             out["loss"] = float(got[0])
-            steps = out["loss_steps"] = round(float(got[3]) / dp)
             out["loss_mean"] = (out["loss"] if steps == 1 and finite
-                                else float(got[1]) / (float(got[2]) / dp) if steps else math.nan)
+                                else float(got[1]) / float(self._window[1]) if steps else math.nan)
             self._window.zero_()
+            self._window_steps = 0
             self._read_tokens()
         return out
 
